@@ -1,0 +1,246 @@
+"""On-disk layout of one adapter: a PEFT LoRA part plus a sparse CSR sidecar.
+
+``adapters/<name>/``
+
+- ``adapter_config.json``: PEFT ``LoraConfig`` (per-module ranks in ``rank_pattern``); absent when no module
+  has a low-rank part.
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` ``[r, in]`` and
+  ``...lora_B.weight`` ``[out, r]`` — PEFT loads it as is.
+- ``sparse_adapter.safetensors``: per module ``<module>.values`` ``[nnz]`` (float), ``<module>.row_ptr``
+  int32 ``[out + 1]`` (monotone, 0 .. nnz), ``<module>.col_idx`` int32 ``[nnz]`` (in ``[0, in)``), i.e. a CSR
+  matrix ``S [out, in]`` added to the weight: ``W' = W + s * B @ A + S``. Absent when no module is sparse.
+- ``sparsepack_adapter.json``: ``{"method", "modules": {name: {"shape": [out, in], "rank", "alpha", "nnz"}},
+  "support", "training"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparsepack.formats.errors import (
+    FormatError,
+    MissingFileError,
+    ShapeError,
+    SparseIndexError,
+    UnsafePathError,
+)
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_META = "sparsepack_adapter.json"
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+SPARSE_WEIGHTS = "sparse_adapter.safetensors"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def validate_adapter_name(name: str) -> str:
+    """Adapter names become directory names: refuse separators, '..', and anything exotic."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise UnsafePathError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit, with no path separators and no '..'"
+        )
+    return name
+
+
+@dataclass
+class AdapterModule:
+    """One module's correction ``s * B @ A + S`` with ``S`` in CSR form. Any part may be absent."""
+
+    shape: tuple[int, int]  # (out_features, in_features) of the base linear
+    A: torch.Tensor | None = None  # [r, in]
+    B: torch.Tensor | None = None  # [out, r]
+    alpha: float = 16.0
+    values: torch.Tensor | None = None  # [nnz]
+    row_ptr: torch.Tensor | None = None  # int32 [out + 1]
+    col_idx: torch.Tensor | None = None  # int32 [nnz]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[0]
+
+    @property
+    def nnz(self) -> int:
+        return 0 if self.values is None else self.values.numel()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclass
+class Adapter:
+    """A named set of module corrections plus metadata."""
+
+    modules: dict[str, AdapterModule]
+    method: str = "rosa"
+    meta: dict[str, Any] = field(default_factory=dict)  # support rule, training summary, ...
+
+
+def check_csr(file: object, module: str, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+              shape: tuple[int, int]) -> None:  # fmt: skip
+    """Validate a CSR triple; raises SparseIndexError / ShapeError naming file and tensor."""
+    out_f, in_f = shape
+    if row_ptr.dtype != torch.int32 or col_idx.dtype != torch.int32:
+        raise ShapeError("row_ptr and col_idx must be int32", file, f"{module}.row_ptr")
+    if row_ptr.dim() != 1 or row_ptr.numel() != out_f + 1:
+        raise ShapeError(f"row_ptr has shape {tuple(row_ptr.shape)}, expected ({out_f + 1},)", file,
+                         f"{module}.row_ptr")  # fmt: skip
+    if col_idx.dim() != 1 or values.dim() != 1 or col_idx.numel() != values.numel():
+        raise ShapeError(f"col_idx {tuple(col_idx.shape)} and values {tuple(values.shape)} must be 1-D of equal "
+                         "length", file, f"{module}.col_idx")  # fmt: skip
+    nnz = values.numel()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz:
+        raise SparseIndexError(f"row_ptr must start at 0 and end at nnz={nnz}", file, f"{module}.row_ptr")
+    if bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise SparseIndexError("row_ptr is not monotone non-decreasing", file, f"{module}.row_ptr")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= in_f):
+        raise SparseIndexError(f"column index out of range [0, {in_f})", file, f"{module}.col_idx")
+
+
+def _peft_config(adapter: Adapter, base_model: str) -> dict[str, Any] | None:
+    lowrank = {n: m for n, m in adapter.modules.items() if m.rank}
+    if not lowrank:
+        return None
+    ranks = sorted({m.rank for m in lowrank.values()})
+    r = max(ranks, key=lambda k: sum(m.rank == k for m in lowrank.values()))
+    alphas = [m.alpha for m in lowrank.values()]
+    alpha = max(set(alphas), key=alphas.count)
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        # exact module names (PEFT matches a list entry by suffix, so full names select exactly these)
+        "target_modules": sorted(lowrank),
+        "rank_pattern": {f"^{re.escape(n)}$": m.rank for n, m in lowrank.items() if m.rank != r},
+        "alpha_pattern": {f"^{re.escape(n)}$": m.alpha for n, m in lowrank.items() if m.alpha != alpha},
+        "lora_dropout": float(adapter.meta.get("dropout", 0.0)),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def write_adapter(directory: Path, adapter: Adapter, base_model: str = "") -> list[str]:
+    """Write ``adapter`` into ``directory`` (which must exist). Returns the file names written."""
+    directory = Path(directory)
+    written = []
+    cfg = _peft_config(adapter, base_model)
+    if cfg is not None:
+        tensors = {}
+        for n, m in adapter.modules.items():
+            if m.rank:
+                tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"] = m.A.detach().contiguous()
+                tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"] = m.B.detach().contiguous()
+        save_file(tensors, str(directory / LORA_WEIGHTS))
+        (directory / LORA_CONFIG).write_text(json.dumps(cfg, indent=2))
+        written += [LORA_WEIGHTS, LORA_CONFIG]
+    sparse = {}
+    for n, m in adapter.modules.items():
+        if m.values is not None:
+            sparse[f"{n}.values"] = m.values.detach().contiguous()
+            sparse[f"{n}.row_ptr"] = m.row_ptr.to(torch.int32).contiguous()
+            sparse[f"{n}.col_idx"] = m.col_idx.to(torch.int32).contiguous()
+    if sparse:
+        save_file(sparse, str(directory / SPARSE_WEIGHTS))
+        written.append(SPARSE_WEIGHTS)
+    meta = {
+        "method": adapter.method,
+        "modules": {
+            n: {"shape": list(m.shape), "rank": m.rank, "alpha": m.alpha, "nnz": m.nnz, **m.extra}
+            for n, m in adapter.modules.items()
+        },
+        **adapter.meta,
+    }
+    (directory / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+    written.append(ADAPTER_META)
+    return written
+
+
+def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
+    """Read and validate an adapter directory.
+
+    Args:
+        directory: ``adapters/<name>`` inside a pack.
+        expected_shapes: module name -> (out, in) of the base model's linears; when given, every adapter
+            module must exist in the base with that shape.
+    """
+    directory = Path(directory)
+    meta_path = directory / ADAPTER_META
+    if not meta_path.is_file():
+        raise MissingFileError(f"missing {ADAPTER_META}", directory)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"invalid JSON: {e}", meta_path) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict):
+        raise FormatError("must be an object with a 'modules' object", meta_path)
+    modules: dict[str, AdapterModule] = {}
+    for name, info in meta["modules"].items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(d, int) and 0 < d < 2**31 for d in shape)
+        ):
+            raise ShapeError(f"module shape must be [out, in] positive integers, got {shape!r}", meta_path, name)
+        shape_t = (shape[0], shape[1])
+        if expected_shapes is not None:
+            if name not in expected_shapes:
+                raise ShapeError("module is not a linear layer of the base model", meta_path, name)
+            if expected_shapes[name] != shape_t:
+                raise ShapeError(f"adapter shape {shape_t} != base layer shape {expected_shapes[name]}", meta_path,
+                                 name)  # fmt: skip
+        extra = {k: v for k, v in info.items() if k not in ("shape", "rank", "alpha", "nnz")}
+        modules[name] = AdapterModule(shape=shape_t, alpha=float(info.get("alpha", 16.0)), extra=extra)
+    lora_path = directory / LORA_WEIGHTS
+    if lora_path.is_file():
+        tensors = load_file(str(lora_path))
+        for key, t in tensors.items():
+            if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise FormatError("unexpected tensor name in LoRA weights", lora_path, key)
+            name, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            if name not in modules:
+                raise ShapeError("LoRA tensor for a module absent from the adapter metadata", lora_path, key)
+            setattr(modules[name], "A" if part == "lora_A" else "B", t)
+        for name, m in modules.items():
+            if (m.A is None) != (m.B is None):
+                raise MissingFileError("lora_A and lora_B must both be present", lora_path, name)
+            if m.A is not None:
+                out_f, in_f = m.shape
+                r = m.A.shape[0]
+                if m.A.dim() != 2 or m.A.shape[1] != in_f or tuple(m.B.shape) != (out_f, r):
+                    raise ShapeError(f"lora_A {tuple(m.A.shape)} / lora_B {tuple(m.B.shape)} do not fit "
+                                     f"[r, {in_f}] / [{out_f}, r]", lora_path, name)  # fmt: skip
+    sparse_path = directory / SPARSE_WEIGHTS
+    if sparse_path.is_file():
+        tensors = load_file(str(sparse_path))
+        names = {k.rsplit(".", 1)[0] for k in tensors}
+        for name in names:
+            if name not in modules:
+                raise ShapeError("sparse tensors for a module absent from the adapter metadata", sparse_path, name)
+            try:
+                values, row_ptr, col_idx = (tensors[f"{name}.{p}"] for p in ("values", "row_ptr", "col_idx"))
+            except KeyError as e:
+                raise MissingFileError(f"missing {e.args[0]}", sparse_path, name) from None
+            check_csr(sparse_path, name, row_ptr, col_idx, values, modules[name].shape)
+            m = modules[name]
+            m.values, m.row_ptr, m.col_idx = values, row_ptr, col_idx
+    meta_rest = {k: v for k, v in meta.items() if k not in ("method", "modules")}
+    return Adapter(modules=modules, method=str(meta.get("method", "unknown")), meta=meta_rest)

@@ -1,0 +1,57 @@
+"""Typed errors for reading and writing packs. Every message names the file (and tensor) at fault."""
+
+from __future__ import annotations
+
+
+class FormatError(Exception):
+    """A pack or checkpoint is not valid. ``path`` and ``tensor`` name what is at fault."""
+
+    def __init__(self, message: str, path: object = None, tensor: str | None = None) -> None:
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if tensor is not None:
+            where.append(f"tensor {tensor!r}")
+        self.path = path
+        self.tensor = tensor
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class ManifestError(FormatError):
+    """sparsepack.json missing fields, wrong format name, unparsable JSON."""
+
+
+class VersionError(FormatError):
+    """The pack declares a format version this release cannot read."""
+
+
+class HashMismatchError(FormatError):
+    """A file's sha256 or size differs from the manifest."""
+
+
+class MissingFileError(FormatError):
+    """A file named by the manifest or required by the layout is absent."""
+
+
+class SafetensorsHeaderError(FormatError):
+    """A safetensors file is truncated or its header is inconsistent (offsets, dtypes, shapes)."""
+
+
+class ShapeError(FormatError):
+    """A tensor's shape or dtype does not match the model config or the layout."""
+
+
+class SparseIndexError(FormatError):
+    """A sparse adapter's CSR indices are out of range or row_ptr is not monotone."""
+
+
+class UnsafeFileError(FormatError):
+    """A pickle-based checkpoint (.bin/.pt/.pth/.ckpt) was offered: refused, never unpickled."""
+
+
+class UnsafePathError(FormatError):
+    """A name or path would escape the pack directory (path separators, '..', absolute paths, symlinks)."""
+
+
+class OutputExistsError(FormatError):
+    """The output directory exists and overwriting was not requested."""

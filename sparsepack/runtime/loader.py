@@ -1,0 +1,141 @@
+"""Deployment loader: ``sparsepack.load(path)`` for packs, GPTQ-v1/v2 checkpoints and plain HF models.
+
+The model is built from ``config.json`` on the meta device (no weight memory), ``QuantizedLinear`` is
+swapped in wherever the checkpoint holds GPTQ tensors, and tensors are attached with
+``load_state_dict(assign=True)`` straight from memory-mapped safetensors files: nothing is unpickled, and
+neither optimum nor gptqmodel is needed.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsepack.formats import gptq_layout
+from sparsepack.formats.errors import FormatError, ShapeError
+from sparsepack.formats.pack import Pack, read_pack
+from sparsepack.formats.safetensors_check import TensorInfo
+from sparsepack.layers.inject import attach_adapter, set_active_adapters, set_submodule
+from sparsepack.layers.quantized_linear import QuantizedLinear
+from sparsepack.layers.skeleton import empty_model, materialize_buffers
+
+TORCH_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+@dataclass
+class PackInfo:
+    """Attached to a loaded model as ``model.sparsepack``: where it came from and what it holds."""
+
+    pack: Pack
+    active: list[str]
+
+
+def _map_file(path: Path) -> tuple[torch.Tensor, int]:
+    """Memory-map a safetensors file read-only as a uint8 tensor; returns (bytes, data section offset)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        size = f.seek(0, 2)
+        if size == 0:
+            return torch.empty(0, dtype=torch.uint8), 8 + n
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+    return torch.frombuffer(mm, dtype=torch.uint8), 8 + n
+
+
+def load_tensors(infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Tensors as zero-copy views of memory-mapped files (copied only when misaligned)."""
+    maps: dict[Path, tuple[torch.Tensor, int]] = {}
+    out = {}
+    for name, info in infos.items():
+        if info.file not in maps:
+            maps[info.file] = _map_file(info.file)
+        raw, base = maps[info.file]
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise FormatError(f"dtype {info.dtype} is not supported by the loader", info.file, name)
+        begin, end = base + info.offsets[0], base + info.offsets[1]
+        chunk = raw[begin:end]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if begin % itemsize:
+            chunk = chunk.clone()
+        out[name] = chunk.view(dtype).reshape(info.shape)
+    return out
+
+
+def _swap_quantized(model: nn.Module, pack: Pack) -> None:
+    q = pack.quant
+    for name in pack.quantized_modules:
+        lin = model.get_submodule(name)
+        has_bias = f"{name}.bias" in pack.tensors
+        layer = QuantizedLinear(lin.in_features, lin.out_features, q["bits"], q["group_size"], bias=has_bias,
+                                device="meta")  # fmt: skip
+        set_submodule(model, name, layer)
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def load(
+    path: str | Path,
+    adapter: str | list[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+) -> nn.Module:
+    """Load a pack (or GPTQ checkpoint / plain HF model directory) as a ready HF causal LM.
+
+    Args:
+        path: the directory.
+        adapter: adapter name (or names) to activate; every adapter in the pack is loaded either way.
+        device: where the model runs.
+        dtype: compute dtype of the unquantized parameters (default fp32 on CPU, fp16 on CUDA); GPTQ
+            buffers keep their stored dtypes.
+        verify: check file hashes against the manifest (sizes and shapes are always checked).
+
+    Returns:
+        The ``transformers`` model in eval mode, with ``model.sparsepack`` (a :class:`PackInfo`).
+    """
+    device = torch.device(device)
+    dtype = dtype or _default_dtype(device)
+    pack = read_pack(Path(path), verify=verify, check_config=True)
+    model = empty_model(pack.config)
+    if pack.quant is not None:
+        _swap_quantized(model, pack)
+    state = load_tensors(pack.tensors)
+    if pack.quant is not None and pack.quant["checkpoint_format"] == "gptq_v2":
+        for name in pack.quantized_modules:
+            state[f"{name}.qzeros"] = gptq_layout.v2_to_v1_zeros(state[f"{name}.qzeros"], pack.quant["bits"])
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ShapeError("tensor is not part of the model", pack.path, result.unexpected_keys[0])
+    model.tie_weights()
+    materialize_buffers(model)
+    missing = [k for k, v in model.state_dict().items() if v.is_meta]
+    if missing:
+        raise ShapeError(f"{len(missing)} tensors missing from the checkpoint", pack.path, missing[0])
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            continue  # GPTQ buffers keep their layout dtypes
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != dtype:
+                setattr(module, pname, nn.Parameter(p.to(dtype), requires_grad=False))
+        for bname, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype and "inv_freq" not in bname:
+                module.register_buffer(bname, b.to(dtype), persistent=bname not in module._non_persistent_buffers_set)
+    model.tie_weights()
+    model.requires_grad_(False)
+    for name, ad in pack.adapters.items():
+        attach_adapter(model, name, ad)
+    model.to(device)
+    set_active_adapters(model, adapter)
+    active = [] if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
+    model.sparsepack = PackInfo(pack=pack, active=active)
+    return model.eval()
