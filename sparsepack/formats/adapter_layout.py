@@ -199,7 +199,9 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
             or len(shape) != 2
             or not all(isinstance(d, int) and 0 < d < 2**31 for d in shape)
         ):
-            raise ShapeError(f"module shape must be [out, in] positive integers, got {shape!r}", meta_path, name)
+            raise ShapeError(
+                f"module shape must be [out, in] positive integers, got {shape!r}", meta_path, name
+            )
         shape_t = (shape[0], shape[1])
         if expected_shapes is not None:
             if name not in expected_shapes:
@@ -215,7 +217,7 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
         for key, t in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
                 raise FormatError("unexpected tensor name in LoRA weights", lora_path, key)
-            name, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            name, part = key[len(PEFT_PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
             if name not in modules:
                 raise ShapeError("LoRA tensor for a module absent from the adapter metadata", lora_path, key)
             setattr(modules[name], "A" if part == "lora_A" else "B", t)
@@ -234,7 +236,9 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
         names = {k.rsplit(".", 1)[0] for k in tensors}
         for name in names:
             if name not in modules:
-                raise ShapeError("sparse tensors for a module absent from the adapter metadata", sparse_path, name)
+                raise ShapeError(
+                    "sparse tensors for a module absent from the adapter metadata", sparse_path, name
+                )
             try:
                 values, row_ptr, col_idx = (tensors[f"{name}.{p}"] for p in ("values", "row_ptr", "col_idx"))
             except KeyError as e:

@@ -41,7 +41,9 @@ class StageRecord:
     stage: str  # "import", "compress", "finetune", "merge", ...
     args: dict[str, Any]  # the stage's arguments as given (JSON-serializable)
     tool_version: str = field(default_factory=tool_version)
-    time: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    time: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
     summary: dict[str, Any] = field(default_factory=dict)  # measured figures (errors, times, losses)
 
 
@@ -49,8 +51,12 @@ class StageRecord:
 class Manifest:
     """Contents of ``sparsepack.json``."""
 
-    base: dict[str, Any] = field(default_factory=dict)  # architecture, model_type, source, num_parameters, dtype
-    quantization: dict[str, Any] | None = None  # GPTQ config + per-layer table {layers: {name: {...}}}; None=dense
+    base: dict[str, Any] = field(
+        default_factory=dict
+    )  # architecture, model_type, source, num_parameters, dtype
+    quantization: dict[str, Any] | None = (
+        None  # GPTQ config + per-layer table {layers: {name: {...}}}; None=dense
+    )
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {path, method, ...}
     history: list[StageRecord] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # relpath -> {sha256, bytes}

