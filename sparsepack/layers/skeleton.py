@@ -24,11 +24,12 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
+def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu", check: bool = True) -> None:
     """Give real values to non-persistent buffers (e.g. rotary ``inv_freq``) left on meta.
 
     They are never in a checkpoint; the model's own ``_init_weights`` knows how to compute them. Only
-    parameter-free modules are re-initialized, so loaded weights are never touched.
+    parameter-free modules are re-initialized, so loaded weights are never touched. With ``check``, any
+    tensor still on meta afterwards is an error (off for compress, whose blocks arrive one at a time).
     """
     for module in model.modules():
         meta = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.is_meta]
@@ -46,6 +47,8 @@ def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu") ->
         if init is None:
             raise RuntimeError(f"cannot compute buffers {meta} of {type(module).__name__}")
         init(module)
+    if not check:
+        return
     left = [n for n, b in model.named_buffers() if b.is_meta] + [
         n for n, p in model.named_parameters() if p.is_meta
     ]

@@ -1,0 +1,339 @@
+"""Text sources shared by every pipeline stage: calibration, training and evaluation.
+
+A SOURCE string names where the text comes from:
+
+- ``path/to/file.txt`` -- one text file, cut into documents of roughly 4000 characters at blank lines;
+- ``path/to/dir`` -- every file under it, recursively, sorted by relative path; hidden files and folders are
+  skipped, and so (with a warning) is a binary file;
+- ``path/to/data.jsonl`` -- one document per line; a record holds ``text``, or ``prompt`` + ``completion``;
+- ``stdlib:pydoc`` -- the Python documentation topics that ship with every Python (``pydoc_data.topics``).
+
+Any of these may end in ``@train`` or ``@eval`` to pick a deterministic split; without a suffix the source
+is used whole. Split rule (also returned by :func:`describe_split`): a document goes to ``eval`` when
+``int(sha1(id)[:8], 16) % 10 == 0`` and to ``train`` otherwise. If that leaves ``eval`` empty, the document
+with the smallest hash moves to ``eval``; if it leaves ``train`` empty, asking for a split is an error.
+Document ids use paths relative to the source (``notes.txt#3``, ``sub/a.jsonl:12``, ``pydoc:for``), so the
+split does not depend on where the data lives, on the machine or on the run.
+
+Token layout: :func:`token_stream` concatenates documents into one ``[T]`` stream joined by the tokenizer's
+EOS; windows are ``[n, seqlen]`` int64 rows cut from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SPLITS = ("train", "eval")
+CHUNK_CHARS = 4000  # target document size when cutting text files; gives a split enough granularity
+_BINARY_PROBE = 8192  # bytes checked for a NUL, as git and grep do
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+IGNORE_INDEX = -100  # label value torch's cross-entropy skips
+
+
+class DataError(ValueError):
+    """A source cannot be read or does not hold enough usable text; the message names the source."""
+
+
+class NotTextError(DataError):
+    """A file is binary or not UTF-8; inside a directory such a file is skipped instead of failing."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One unit of text; the split assigns whole documents.
+
+    Attributes:
+        id: stable name, relative to the source (see the module docstring); the split hashes it.
+        text: the text, or the completion of a prompt/completion record.
+        prompt: the prompt of a prompt/completion record, else None.
+    """
+
+    id: str
+    text: str
+    prompt: str | None = None
+
+    @property
+    def full_text(self) -> str:
+        """Prompt followed by text: what a language model reads."""
+        return (self.prompt or "") + self.text
+
+
+def describe_split() -> str:
+    """The split rule in one paragraph, for CLI help."""
+    return (
+        "SOURCE@train / SOURCE@eval select a deterministic split of the source's documents: a document "
+        "goes to eval when int(sha1(id)[:8], 16) % 10 == 0, else to train (about 10% eval). If eval would "
+        "be empty, the document with the smallest hash goes to eval; if train would be empty, that is an "
+        "error. "
+        "Ids are relative to the source (file#chunk, file:line, pydoc:topic), so the split is the same on "
+        "every machine. A plain SOURCE uses all documents."
+    )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _chunk_text(text: str, target: int = CHUNK_CHARS) -> list[str]:
+    """Cut text at blank lines into pieces of at least ``target`` characters (the last may be shorter).
+
+    A stretch with no blank line longer than twice the target is cut again at single newlines, so a file
+    without paragraphs still yields several documents.
+    """
+    pieces, start = [], 0
+    for m in _BLANK_LINE.finditer(text):
+        if m.end() - start >= target:
+            pieces.append(text[start : m.end()])
+            start = m.end()
+    pieces.append(text[start:])
+    out = []
+    for piece in pieces:
+        if len(piece) > 2 * target and "\n" in piece.strip():
+            out.extend(_cut_at_newlines(piece, target))
+        else:
+            out.append(piece)
+    return [p.strip() for p in out if p.strip()]
+
+
+def _cut_at_newlines(text: str, target: int) -> list[str]:
+    lines, pieces, size = text.splitlines(keepends=True), [[]], 0
+    for line in lines:
+        pieces[-1].append(line)
+        size += len(line)
+        if size >= target:
+            pieces.append([])
+            size = 0
+    return ["".join(p) for p in pieces if p]
+
+
+def _read_text(path: Path, source: str) -> str:
+    """Decode a file as UTF-8; DataError when it looks binary (a NUL early on, or invalid UTF-8)."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:_BINARY_PROBE]:
+        raise NotTextError(f"{source}: {path} is binary or not UTF-8 (NUL byte in the first 8 KiB)")
+    try:
+        return raw.decode("utf-8-sig")  # -sig: drop a byte-order mark some editors write
+    except UnicodeDecodeError as e:
+        raise NotTextError(f"{source}: {path} is binary or not UTF-8 ({e.reason} at byte {e.start})") from e
+
+
+def _read_jsonl(path: Path, rel: str, source: str) -> list[Document]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path, source).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}: {path} line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if isinstance(rec.get("text"), str):
+            docs.append(Document(f"{rel}:{lineno}", rec["text"]))
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
+            docs.append(Document(f"{rel}:{lineno}", rec["completion"], prompt=rec["prompt"]))
+        else:
+            raise DataError(
+                f"{where}: a record needs a string 'text', or 'prompt' and 'completion'; "
+                f"got keys {sorted(rec)}"
+            )
+    return docs
+
+
+def _read_file(path: Path, rel: str, source: str) -> list[Document]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path, rel, source)
+    return [Document(f"{rel}#{i}", chunk) for i, chunk in enumerate(_chunk_text(_read_text(path, source)))]
+
+
+def _read_directory(root: Path, source: str) -> list[Document]:
+    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+    docs = []
+    for rel in sorted(files):
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # .git, .DS_Store, editor swap files: never data
+        try:
+            docs.extend(_read_file(files[rel], rel, source))
+        except NotTextError as e:  # other errors (a broken jsonl record) are mistakes to fix, not skip
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    return docs
+
+
+def _pydoc_topics() -> list[Document]:
+    from pydoc_data.topics import topics  # stdlib; imported lazily as it is 0.5 MB of text
+
+    return [Document(f"pydoc:{name}", topics[name]) for name in sorted(topics)]
+
+
+# Built-in corpora: one registration per name.
+STDLIB_SOURCES: dict[str, Callable[[], list[Document]]] = {"pydoc": _pydoc_topics}
+
+
+def _parse_source(source: str) -> tuple[str, str | None]:
+    """Split ``SOURCE@split`` into (source, split); an existing path containing '@' is taken as is."""
+    if "@" not in source or Path(source).expanduser().exists():
+        return source, None
+    base, split = source.rsplit("@", 1)
+    if split not in SPLITS:
+        raise DataError(f"{source}: unknown split suffix '@{split}' (use @train or @eval)")
+    return base, split
+
+
+def _hash(doc: Document) -> int:
+    return int(hashlib.sha1(doc.id.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def split_documents(docs: Sequence[Document], split: str, source: str = "<documents>") -> list[Document]:
+    """Select the ``train`` or ``eval`` documents by the rule in :func:`describe_split`, keeping order."""
+    if split not in SPLITS:
+        raise DataError(f"{source}: unknown split '{split}' (use train or eval)")
+    hashes = [_hash(d) for d in docs]
+    is_eval = [h % 10 == 0 for h in hashes]
+    if docs and not any(is_eval):
+        is_eval[min(range(len(docs)), key=lambda i: (hashes[i], docs[i].id))] = True
+    if all(is_eval):
+        raise DataError(
+            f"{source}: only {len(docs)} document(s), too few to split into train and eval; "
+            "use the source without @train/@eval or add text"
+        )
+    return [d for d, e in zip(docs, is_eval, strict=True) if e == (split == "eval")]
+
+
+def load_documents(source: str) -> list[Document]:
+    """Read a SOURCE (see the module docstring) into documents, applying an ``@train``/``@eval`` suffix.
+
+    Raises:
+        DataError: missing path, unknown ``stdlib:`` name or split, binary file, malformed jsonl, or no text.
+    """
+    base, split = _parse_source(source)
+    if base.startswith("stdlib:"):
+        name = base.removeprefix("stdlib:")
+        if name not in STDLIB_SOURCES:
+            known = ", ".join(f"stdlib:{k}" for k in STDLIB_SOURCES)
+            raise DataError(f"{source}: unknown built-in source '{name}' (known: {known})")
+        docs = STDLIB_SOURCES[name]()
+    else:
+        path = Path(base).expanduser()
+        if not path.exists():
+            raise DataError(f"{source}: no such file or directory")
+        docs = _read_directory(path, source) if path.is_dir() else _read_file(path, path.name, source)
+    if not any(d.full_text.strip() for d in docs):
+        raise DataError(f"{source}: empty source (no text found)")
+    return split_documents(docs, split, source) if split else docs
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    # verbose=False: a whole document is longer than model_max_length on purpose; windows come later.
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+
+
+def token_stream(tokenizer, docs: Sequence[Document]) -> torch.Tensor:
+    """Tokenize documents (no special tokens) and join them with EOS when the tokenizer has one.
+
+    Returns:
+        int64 tensor ``[T]``.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for i, doc_ids in enumerate(_encode(tokenizer, [d.full_text for d in docs])):
+        ids.extend((eos if i else []) + doc_ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(
+    tokenizer, source: str, seqlen: int, n_windows: int | None = None, *, min_windows: int = 1
+) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping windows of a source's token stream (incomplete tail dropped).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        source: a SOURCE string (see the module docstring).
+        seqlen: tokens per window.
+        n_windows: how many windows; None takes all. Fewer available -> all of them and a warning.
+        min_windows: fewer full windows than this is an error.
+
+    Returns:
+        int64 tensor ``[n, seqlen]``.
+    """
+    if seqlen < 1 or (n_windows is not None and n_windows < 1):
+        raise ValueError(f"seqlen ({seqlen}) and n_windows ({n_windows}) must be positive")
+    stream = token_stream(tokenizer, load_documents(source))
+    available = stream.numel() // seqlen
+    if available < max(min_windows, 1):
+        raise DataError(
+            f"{source}: {stream.numel()} tokens give {available} window(s) of seqlen {seqlen}; "
+            f"need at least {max(min_windows, 1)}"
+        )
+    n = available if n_windows is None else min(n_windows, available)
+    if n_windows is not None and n_windows > available:
+        warnings.warn(
+            f"{source}: asked for {n_windows} windows of {seqlen} tokens, using the {n} available",
+            stacklevel=2,
+        )
+    return stream[: n * seqlen].view(n, seqlen)
+
+
+def sample_windows(tokenizer, source: str, seqlen: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` windows at random offsets of the token stream, as GPTQ calibration draws them.
+
+    Returns:
+        int64 tensor ``[n, seqlen]``; windows may overlap. Same seed, source and tokenizer -> same windows.
+    """
+    stream = token_stream(tokenizer, load_documents(source))
+    if stream.numel() < seqlen + 1:
+        raise DataError(
+            f"{source}: {stream.numel()} tokens, need more than seqlen {seqlen} to sample windows"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=gen)  # [n]
+    return stream[starts[:, None] + torch.arange(seqlen)]  # [n, seqlen]
+
+
+def completion_examples(tokenizer, source: str, seqlen: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Training examples with labels; the loss skips prompt tokens (label -100).
+
+    A prompt/completion record gives one example: prompt tokens, completion tokens and EOS, truncated to
+    ``seqlen``. Prompt and completion are tokenized separately so the masked boundary is exact (a joint
+    tokenization could merge tokens across it). Plain text documents are streamed and cut into full
+    windows whose labels are the inputs. A record whose prompt fills the whole window is dropped, with a
+    warning, since it has nothing to learn from.
+
+    Returns:
+        list of (input_ids ``[L]``, labels ``[L]``) int64 pairs, ``L <= seqlen``; padding is left to the
+        collator.
+    """
+    docs = load_documents(source)
+    prompted = [d for d in docs if d.prompt is not None]
+    examples = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompts = _encode(tokenizer, [d.prompt for d in prompted])
+    completions = _encode(tokenizer, [d.text for d in prompted])
+    dropped = 0
+    for p, c in zip(prompts, completions, strict=True):
+        ids = (p + c + eos)[:seqlen]
+        labels = ([IGNORE_INDEX] * len(p) + c + eos)[:seqlen]
+        if all(t == IGNORE_INDEX for t in labels):
+            dropped += 1
+            continue
+        examples.append((torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)))
+    if dropped:
+        warnings.warn(
+            f"{source}: dropped {dropped} record(s) whose prompt fills all {seqlen} tokens", stacklevel=2
+        )
+    stream = token_stream(tokenizer, [d for d in docs if d.prompt is None])
+    n = stream.numel() // seqlen
+    examples.extend((w, w.clone()) for w in stream[: n * seqlen].view(n, seqlen))
+    if not examples:
+        raise DataError(f"{source}: no training example of up to {seqlen} tokens could be built")
+    return examples
