@@ -58,6 +58,59 @@ def main() -> None:
     pass
 
 
+# ------------------------------------------------------------------------------------------------ compress
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Pack directory to write.")
+@click.option("--calib", default="stdlib:pydoc@train", show_default=True, help="Calibration data SOURCE.")
+@click.option("--nsamples", default=128, show_default=True, type=click.IntRange(1), help="Calibration windows.")
+@click.option("--seqlen", default=256, show_default=True, type=click.IntRange(2), help="Tokens per window.")
+@click.option("--bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "8"]))
+@click.option("--group-size", default=128, show_default=True, type=int,
+              help="Input rows per scale/zero group (32, 64, 128, ... or -1 for one per column).")
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
+              help="Quantize columns by decreasing Hessian diagonal (desc_act).")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric or asymmetric grid.")
+@click.option("--damp", default=0.01, show_default=True, type=float, help="Hessian dampening (x mean diagonal).")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Each group of sublayers sees the outputs of the already-quantized ones.")
+@click.option("--static-groups", is_flag=True, help="With act-order: group grids fixed up front (monotone g_idx).")
+@click.option("--method", default="gptq", show_default=True, type=click.Choice(["gptq", "rtn"]),
+              help="gptq (error compensation on calibration data) or rtn (round to nearest, no data).")
+@click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of module names left unquantized.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Windows per forward pass.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration windows.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Write a markdown report (and a PNG plot of per-layer error beside it).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing pack at --output (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@_fail_cleanly
+def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report: Path | None, bits: str,
+             **kwargs: Any) -> None:  # fmt: skip
+    """GPTQ-quantize the HF model in MODEL_DIR into a pack, one decoder block at a time.
+
+    The base is written in the GPTQ-v1 layout (AutoGPTQ/GPTQModel/transformers load it); per-layer relative
+    output errors go into the pack's manifest and the summary. Nothing is left at --output on failure.
+    """
+    from sparsepack.config import QuantConfig
+    from sparsepack.pipeline.compress import compress as run_compress
+
+    kwargs["act_order"] = kwargs.pop("act_order")
+    cfg = QuantConfig(bits=int(bits), **kwargs)
+    res = run_compress(model_dir, out, cfg, overwrite=overwrite, progress=not as_json, report=report)
+    summary = res.summary()
+    lines = [f"{'layer':<44} {'out x in':>11} {'rel.err':>9} {'sec':>7}"]
+    for r in res.layers:
+        err = f"{r.rel_error:9.5f}" if r.rel_error is not None else f"{'-':>9}"
+        lines.append(f"{r.name:<44} {f'{r.shape[0]}x{r.shape[1]}':>11} {err} {r.seconds:7.3f}")
+    lines.append(f"wrote {out}: {summary['layers']} layers, {cfg.bits}-bit g{cfg.group_size}, "
+                 f"mean rel. error {summary['mean_rel_error'] or 0:.5f}, {summary['seconds']:.1f} s")
+    _emit(summary, as_json, "\n".join(lines))
+
+
 # ------------------------------------------------------------------------------------------------ inspect
 
 

@@ -1,0 +1,363 @@
+"""GPTQ weight quantization as pure tensor math (Frantar et al., arXiv 2210.17323).
+
+Everything here takes tensors and returns tensors: no hooks, no modules, no I/O. The driver
+(``pipeline/compress.py``) streams a layer's inputs through :class:`HessianAccumulator`, calls
+:func:`gptq_quantize` on the layer weight, and packs the result with :meth:`QuantParams.to_gptq_tensors`.
+
+Shapes (``nn.Linear`` convention): ``weight [N, K]`` (out, in), layer inputs ``X [..., K]``,
+Hessian ``H [K, K]``. The algorithm walks the K input columns of the weight in blocks; each column is
+rounded to the grid of its group, and the rounding error is spread over the not-yet-quantized columns
+through the upper Cholesky factor of ``H^-1`` (the OBS update), lazily: within a block column by column,
+across blocks with one matmul (exact reordering of the same updates, see "Lazy batch updates" in the paper).
+
+Quantization grid of a group (the same as the reference IST-DASLab/gptq ``Quantizer``):
+``w ~ scale * (q - zero)``, ``q`` in ``[0, 2**bits - 1]``; sym: ``zero = 2**(bits-1)``,
+``scale = 2 * max|w| / maxq``; asym: ``scale = (max(w,0) - min(w,0)) / maxq``, ``zero = round(-min/scale)``
+clamped to ``>= 1`` because GPTQ v1 cannot store a zero point of 0 (see ``formats.gptq_layout``).
+Scales are rounded to fp16 before use, so the packed checkpoint dequantizes to exactly the values whose
+error GPTQ compensated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsepack.formats import gptq_layout
+from sparsepack.formats.gptq_layout import GPTQTensors
+
+# Damping schedule when the Cholesky factorization fails: the requested damp, then x10 each retry, up to this.
+MAX_DAMP = 1.0
+
+
+class GPTQNumericalError(RuntimeError):
+    """The Hessian could not be inverted even at the largest allowed dampening."""
+
+
+class HessianAccumulator:
+    """Streamed ``H = 2/n * sum_i x_i x_i^T`` over the rows of a layer's inputs.
+
+    Kept as a running mean (rescaled at each batch, as the reference GPTQ does), so ``H`` has the same value
+    however the ``n`` rows are split into batches (up to float rounding) and stays O(1) in magnitude.
+
+    Args:
+        in_features: K, the layer's input dimension.
+        dtype: accumulation dtype, ``torch.float32`` (GPTQ's choice) or ``torch.float64``.
+        device: where ``H`` lives.
+    """
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # (K, K)
+        self.n = 0  # rows (tokens) seen so far
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x [..., K]`` (every leading dim is flattened into rows)."""
+        K = self.H.shape[0]
+        if x.shape[-1] != K:
+            raise ValueError(f"inputs have last dim {x.shape[-1]}, Hessian expects {K}")
+        x = x.detach().reshape(-1, K).to(device=self.H.device, dtype=self.H.dtype)  # (m, K)
+        m = x.shape[0]
+        if m == 0:
+            return
+        total = self.n + m
+        self.H.mul_(self.n / total)
+        x = x * (2.0 / total) ** 0.5
+        self.H.addmm_(x.t(), x)  # H += 2/total * x^T x
+        self.n = total
+
+
+@dataclass
+class InverseHessian:
+    """What GPTQ needs from ``H``: shared by every layer fed the same inputs (q/k/v, gate/up).
+
+    ``hinv`` is the upper Cholesky factor of ``(H_perm + damp * mean(diag) * I)^-1`` in the permuted order.
+    """
+
+    hinv: torch.Tensor  # fp32/fp64 [K, K] upper triangular, rows/cols in `perm` order
+    dead: torch.Tensor  # bool [K]: columns whose input is always zero (weight forced to 0)
+    perm: torch.Tensor | None  # int64 [K]: processing position -> original column; None = identity
+    damp: float  # fraction of mean(diag H) actually added (>= the requested one after retries)
+    group_aware: int = 0  # group size of a group-aware order (0 = plain act-order or identity)
+
+
+def column_order(diag: torch.Tensor, act_order: bool, group_aware: int = 0) -> torch.Tensor | None:
+    """The order GPTQ walks the input columns in (position -> original column), None = original order.
+
+    Args:
+        diag: ``diag(H) [K]``.
+        act_order: decreasing ``diag(H)`` over all columns (GPTQ's ``desc_act``).
+        group_aware: a group size > 0: group-aware reordering (GAR, arXiv 2505.14638; GPTQModel's default
+            ``act_group_aware``): sort within each group of ``group_aware`` original rows by decreasing
+            ``diag(H)`` and the groups by their largest entry, so each group stays contiguous in the
+            processing order and ``g_idx`` stays monotone (no input gather at inference).
+    """
+    if act_order and group_aware:
+        raise ValueError("act_order and group_aware orders are exclusive")
+    if act_order:
+        return torch.argsort(diag, descending=True, stable=True)
+    if not group_aware:
+        return None
+    K = diag.numel()
+    if K % group_aware:
+        raise ValueError(f"group-aware order needs group size {group_aware} to divide {K}")
+    vals, local = torch.sort(diag.reshape(-1, group_aware), dim=1, descending=True, stable=True)  # (G, gs)
+    order = torch.argsort(vals[:, 0], descending=True, stable=True)  # groups by their max
+    base = torch.arange(0, K, group_aware, device=diag.device)[:, None]  # (G, 1)
+    return (local + base)[order].reshape(-1)  # (K,)
+
+
+def invert_hessian(
+    H: torch.Tensor, damp: float = 0.01, act_order: bool = False, group_aware: int = 0
+) -> InverseHessian:
+    """Dead columns, column order (see :func:`column_order`), dampening and the Cholesky-based inverse.
+
+    The factorizations run in float64 (cheap at K <= a few thousand and far more robust); the factor is
+    returned in ``promote(H.dtype, float32)``, the dtype the quantization loop then runs in. If a
+    factorization fails the dampening is multiplied by 10 up to :data:`MAX_DAMP`.
+
+    Raises:
+        GPTQNumericalError: non-finite H, or no dampening up to ``MAX_DAMP`` makes it positive definite.
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, got shape {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise GPTQNumericalError("Hessian has non-finite entries (inf/NaN in the calibration activations?)")
+    out_dtype = torch.promote_types(H.dtype, torch.float32)
+    H = H.to(torch.float64).clone()
+    K = H.shape[0]
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0  # a dead column gets a unit curvature: its (zeroed) weight is quantized on its own
+    perm = column_order(diag, act_order, group_aware)
+    if perm is not None:
+        H = H[perm][:, perm]  # (K, K) in processing order
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    current = damp
+    while True:
+        Hd = H + (current * mean_diag) * eye
+        # GPTQ needs U upper with U^T U = Hd^-1. With J the reversal, J Hd J = Lf Lf^T gives Hd = R R^T,
+        # R = J Lf J upper, so U = R^-1 = J Lf^-1 J: one Cholesky and one triangular inverse instead of
+        # the reference's cholesky -> cholesky_inverse -> cholesky (same U; several times faster on CPU).
+        Lf, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        if info == 0:
+            U = torch.linalg.solve_triangular(Lf, eye, upper=False).flip(0, 1)  # (K, K) upper
+            if torch.isfinite(U).all():
+                return InverseHessian(U.to(out_dtype), dead, perm, current, group_aware if perm is not None else 0)
+        if current >= MAX_DAMP:
+            raise GPTQNumericalError(
+                f"Cholesky factorization of the GPTQ Hessian failed even with dampening {current:g} "
+                f"(MAX_DAMP) x mean diagonal; the calibration inputs of this layer are degenerate"
+            )
+        current = min(current * 10 if current > 0 else 1e-4, MAX_DAMP)
+
+
+@dataclass
+class QuantParams:
+    """Quantized weight of one linear layer, unpacked (the integers before GPTQ-v1 bit packing).
+
+    ``W[k, n] = scales[g, n] * (q[k, n] - zeros[g, n])`` with ``g = g_idx[k]``; ``W`` is input dim first,
+    the ``nn.Linear`` weight is ``W.T``.
+    """
+
+    q: torch.Tensor  # int32 [K, N], values in [0, 2**bits - 1], original row order
+    zeros: torch.Tensor  # int32 [G, N], true zero points in [1, 2**bits - 1]
+    scales: torch.Tensor  # fp16 [G, N]
+    g_idx: torch.Tensor  # int32 [K], group of each input row (non-monotone under act-order)
+    bits: int
+    group_size: int  # -1 = one group per output column
+    sym: bool
+    act_order: bool = False  # columns were processed in a non-identity order (act-order or group-aware)
+    loss: float = 0.0  # sum over columns of GPTQ's error term (w - q)^2 / (2 * Hinv[j, j]^2); 0 for RTN
+    damp: float = 0.0  # dampening actually used (fraction of mean diag H)
+    stats: dict = field(default_factory=dict)  # free-form extras (e.g. number of dead columns)
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[1]
+
+    def to_gptq_tensors(self, bias: torch.Tensor | None = None) -> GPTQTensors:
+        """Pack into the GPTQ-v1 tensors (qweight, qzeros = zero-1, scales, g_idx, bias)."""
+        return GPTQTensors.from_int(self.q, self.zeros, self.scales, self.g_idx, self.bits, bias=bias)
+
+
+def dequantize_params(p: QuantParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense ``nn.Linear`` weight ``[N, K]`` of ``p`` (the same arithmetic as ``gptq_layout.dequantize``)."""
+    g = p.g_idx.long()
+    W = p.scales.to(dtype)[g] * (p.q.to(dtype) - p.zeros.to(dtype)[g])  # (K, N)
+    return W.t().contiguous()
+
+
+def layer_output_error(weight: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor) -> float:
+    """Relative output error ``||X W^T - X W_q^T||_F / ||X W^T||_F`` on inputs ``x [..., K]``."""
+    K = weight.shape[1]
+    x = x.detach().reshape(-1, K).to(torch.float64)
+    ref = x @ weight.detach().to(torch.float64).t()  # (m, N)
+    diff = ref - x @ w_q.detach().to(torch.float64).t()
+    return float(diff.norm() / ref.norm().clamp_min(1e-30))
+
+
+def _grid(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of each output column of one group ``w [c, N]``; the scale already rounded to fp16.
+
+    Returns ``(scale [N], zero [N])`` in ``w.dtype`` (zero integral).
+    """
+    zero_t = torch.zeros((), dtype=w.dtype, device=w.device)
+    wmin = torch.minimum(w.amin(dim=0), zero_t)
+    wmax = torch.maximum(w.amax(dim=0), zero_t)
+    if sym:
+        wmax = torch.maximum(wmin.abs(), wmax)
+        wmin = -wmax
+    flat = (wmin == 0) & (wmax == 0)  # an all-zero group: any grid works, take GPTQ's [-1, 1]
+    wmin = torch.where(flat, -1.0, wmin)
+    wmax = torch.where(flat, 1.0, wmax)
+    # fp16 can hold down to 2**-24 (subnormal): clamp so the stored scale is never 0.
+    scale = ((wmax - wmin) / maxq).clamp(2.0**-24, 65504.0).to(torch.float16).to(w.dtype)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-wmin / scale).clamp(1, maxq)  # >= 1: GPTQ v1 cannot store zero 0
+    return scale, zero
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of one column ``w [N]`` (float dtype, integral values)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor | InverseHessian,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool = False,
+    group_aware: bool = False,
+) -> QuantParams:
+    """Quantize one linear weight with GPTQ.
+
+    Args:
+        weight: ``[N, K]`` (``nn.Linear.weight``), any float dtype; not modified.
+        H: the layer's Hessian ``[K, K]`` (see :class:`HessianAccumulator`), or an :class:`InverseHessian`
+            from :func:`invert_hessian` to share one inversion across layers that see the same inputs
+            (then ``act_order``, ``group_aware`` and ``damp`` are taken from it).
+        bits: 2, 3, 4 or 8.
+        group_size: input rows per scale/zero group; -1 = one group per output column. Must divide K.
+        sym: symmetric grid (zero fixed at ``2**(bits-1)``) or asymmetric.
+        act_order: quantize columns in order of decreasing ``diag(H)``; with non-static groups the groups
+            follow that order and ``g_idx`` becomes non-monotone.
+        damp: dampening as a fraction of ``mean(diag(H))``.
+        block_size: columns per lazy-update block (a speed knob only: results are the same up to float error).
+        static_groups: compute every group's grid up front from the (dead-zeroed) original weight in the
+            original row order, so ``g_idx`` stays monotone even with act-order.
+        group_aware: group-aware reordering (GPTQModel's default ``act_group_aware``, exclusive with
+            ``act_order``): most of act-order's gain with a monotone ``g_idx``; see :func:`column_order`.
+
+    Returns:
+        :class:`QuantParams` in the original row order.
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits}")
+    N, K = weight.shape
+    gs = K if group_size in (-1, 0) else group_size
+    if gs <= 0 or K % gs:
+        raise ValueError(f"group_size {group_size} does not divide in_features {K}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if isinstance(H, InverseHessian):
+        inv = H
+    else:
+        inv = invert_hessian(H, damp, act_order, gs if group_aware else 0)
+    if inv.hinv.shape != (K, K):
+        raise ValueError(f"Hessian is {tuple(inv.hinv.shape)}, weight needs ({K}, {K})")
+    if inv.group_aware and inv.group_aware != gs:
+        raise ValueError(f"InverseHessian was ordered for group size {inv.group_aware}, weight uses {gs}")
+    dtype = inv.hinv.dtype
+    maxq = 2**bits - 1
+    G = K // gs
+    # Static groups: grids of the original row groups, computed up front. Otherwise a group's grid is
+    # computed when the walk reaches its first column, from the columns at processing positions
+    # [j*gs, (j+1)*gs): under act-order those are a new group (hence the non-monotone g_idx), under the
+    # group-aware order they are exactly one original group, in another order.
+    static = static_groups or group_size in (-1, 0)
+
+    # Work on W^T: row j is input column j, contiguous, and the codes come out input-dim-first as stored.
+    Wt = weight.detach().to(device=inv.hinv.device, dtype=dtype).t().clone()  # (K, N)
+    Wt[inv.dead] = 0
+    scales = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N), fp16-exact values
+    zeros = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N)
+    if static:
+        for g in range(G):
+            scales[g], zeros[g] = _grid(Wt[g * gs : (g + 1) * gs], maxq, sym)
+    perm = inv.perm
+    if perm is not None:
+        Wt = Wt[perm]  # (K, N) in processing order
+    # group of each processing position
+    keeps_groups = perm is not None and (static or inv.group_aware)
+    pos_group = (perm if keeps_groups else torch.arange(K, device=Wt.device)) // gs  # (K,)
+    pos_group_list = pos_group.tolist()  # read per column: a list avoids a device sync each time
+    Hinv = inv.hinv
+    codes = torch.empty(K, N, dtype=dtype, device=Wt.device)  # (K, N) integer codes, processing order
+    losses = torch.zeros(N, dtype=dtype, device=Wt.device)
+
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        # Rows i1..i2 of Wt are not touched during the block: row j receives this block's earlier errors
+        # just before it is quantized, as one vector-matrix product (the same sum as GPTQ's per-column
+        # rank-1 updates, but one BLAS call on a contiguous block instead of an ever-shrinking elementwise
+        # update, which stalls on OpenMP fork/join when the cores are shared).
+        Err = torch.zeros(i2 - i1, N, dtype=dtype, device=Wt.device)  # (B, N) scaled errors of the block
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static and j % gs == 0:
+                # The group's grid comes from its columns as updated by every error so far (including the
+                # ones this block still owes the columns after i2: the lazy update).
+                cols = Wt[j : j + gs]  # (gs, N)
+                if i:
+                    cols = cols - Hinv[i1:j, j : j + gs].t() @ Err[:i]
+                g = pos_group_list[j]
+                scales[g], zeros[g] = _grid(cols, maxq, sym)
+            g = pos_group_list[j]
+            w = Wt[j] - Hinv[i1:j, j] @ Err[:i] if i else Wt[j]  # (N,)
+            q = _quantize_column(w, scales[g], zeros[g], maxq)
+            err = (w - scales[g] * (q - zeros[g])) / Hinv[j, j]  # (N,)
+            codes[j] = q
+            losses += err * err  # (w - w_q)^2 / d^2, halved below
+            Err[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err, alpha=-1)  # lazy update of every later column
+
+    if perm is not None:
+        codes = codes[torch.argsort(perm)]  # back to the original row order
+        g_idx = torch.empty(K, dtype=torch.int64, device=Wt.device)
+        g_idx[perm] = pos_group
+    else:
+        g_idx = pos_group
+    return QuantParams(
+        q=codes.to(torch.int32),
+        zeros=zeros.to(torch.int32),
+        scales=scales.to(torch.float16),
+        g_idx=g_idx.to(torch.int32),
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        act_order=perm is not None,
+        loss=float(losses.sum()) / 2,
+        damp=inv.damp,
+        stats={"dead_columns": int(inv.dead.sum())},
+    )
+
+
+def rtn_quantize_params(weight: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> QuantParams:
+    """Round-to-nearest baseline on the same grid as GPTQ (no Hessian, no error compensation)."""
+    q, zeros, scales, g_idx = gptq_layout.rtn_quantize(weight, bits, group_size, sym)
+    return QuantParams(q=q, zeros=zeros, scales=scales, g_idx=g_idx, bits=bits, group_size=group_size, sym=sym)
