@@ -196,6 +196,20 @@ def test_dead_columns(setup):
         assert layer_output_error(W, Wq, X) < e_rtn
 
 
+def test_zero_and_tiny_groups(setup):
+    """An all-zero group gets a valid grid (GPTQ's [-1, 1]); a tiny one keeps a non-zero fp16 scale."""
+    X, W, H = setup
+    W = W.clone()
+    W[:, :32] = 0
+    W[:, 32:64] *= 1e-7
+    for sym in (True, False):
+        p = gptq_quantize(W, H, 4, 32, sym=sym, static_groups=True)
+        assert torch.all(p.scales.float() > 0)
+        Wq = dequantize_params(p)
+        assert torch.all(Wq[:, :32] == 0) and torch.isfinite(Wq).all()
+        p.to_gptq_tensors()  # packs: every code and zero point in range
+
+
 def test_hessian_accumulation_independent_of_batch_split(setup):
     X = setup[0]
     whole = _hessian(X, torch.float64)

@@ -125,3 +125,13 @@ def test_matmulnbits_packing_low_nibble_is_even_k():
     packed = packing.pack_matmulnbits(q, 4, 16)
     assert packed.shape == (1, 1, 8)
     assert int(packed[0, 0, 0]) == (0 | (1 << 4)) and int(packed[0, 0, 7]) == (14 | (15 << 4))
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_of_an_all_zero_group_packs(sym):
+    w = torch.zeros(8, 64)
+    w[:, 32:] = torch.randn(8, 32)
+    q, z, s, g = gptq_layout.rtn_quantize(w, 4, 32, sym=sym)
+    t = gptq_layout.GPTQTensors.from_int(q, z, s, g, 4)
+    deq = t.dequantize().t()
+    assert torch.equal(deq[:, :32], torch.zeros(8, 32)) and bool((s > 0).all())

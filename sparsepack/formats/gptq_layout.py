@@ -175,10 +175,13 @@ def rtn_quantize(
     wmax = Wg.amax(dim=1).clamp(min=0)
     if sym:
         amax = torch.maximum(wmin.abs(), wmax)
-        scales = (2 * amax / maxq).clamp(min=1e-8)
+        scales = 2 * amax / maxq
         zeros = torch.full_like(scales, (maxq + 1) // 2)
     else:
-        scales = ((wmax - wmin) / maxq).clamp(min=1e-8)
+        scales = (wmax - wmin) / maxq
+    # A flat (all-zero) group gets scale 1, as GPTQ's grid does; the floor keeps tiny scales non-zero in fp16.
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales).clamp(min=2**-24)
+    if not sym:
         zeros = torch.round(-wmin / scales).clamp(1, maxq)  # >= 1: see GPTQTensors.from_int
     scales = scales.to(torch.float16).to(torch.float32)
     q = torch.clamp(torch.round(Wg / scales[:, None, :]) + zeros[:, None, :], 0, maxq)

@@ -63,9 +63,7 @@ class HessianAccumulator:
         if m == 0:
             return
         total = self.n + m
-        self.H.mul_(self.n / total)
-        x = x * (2.0 / total) ** 0.5
-        self.H.addmm_(x.t(), x)  # H += 2/total * x^T x
+        self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)  # H = n/total H + 2/total x^T x
         self.n = total
 
 
@@ -292,7 +290,9 @@ def gptq_quantize(
     static = static_groups or group_size in (-1, 0)
 
     # Work on W^T: row j is input column j, contiguous, and the codes come out input-dim-first as stored.
-    Wt = weight.detach().to(device=inv.hinv.device, dtype=dtype).t().clone()  # (K, N)
+    Wt = (
+        weight.detach().to(device=inv.hinv.device, dtype=dtype).t().clone(memory_format=torch.contiguous_format)
+    )  # (K, N)
     Wt[inv.dead] = 0
     scales = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N), fp16-exact values
     zeros = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N)
