@@ -111,6 +111,64 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
     _emit(summary, as_json, "\n".join(lines))
 
 
+# ------------------------------------------------------------------------------------------------ finetune
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--data", required=True, help="Training data SOURCE (prompt/completion jsonl trains on completions only).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Pack directory to write.")
+@click.option("--adapter", default="default", show_default=True, help="Name of the adapter in the output pack.")
+@click.option("--method", default="rosa", show_default=True, help="rosa (sparse + low-rank) or lora (low-rank only).")
+@click.option("--rank", default=16, show_default=True, type=click.IntRange(0), help="Low-rank dimension r.")
+@click.option("--density", default=0.006, show_default=True, type=float, help="Sparse fraction of each weight.")
+@click.option("--target", default="all-linear", show_default=True, help="all-linear or a regex of module names.")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="Low-rank scaling s = alpha / r.")
+@click.option("--dropout", default=0.05, show_default=True, type=float, help="Dropout on the low-rank input.")
+@click.option("--steps", default=None, type=click.IntRange(1), help="Optimizer steps of the main phase.")
+@click.option("--epochs", default=1.0, show_default=True, type=float, help="Passes over the data (if no --steps).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1), help="Examples per micro-batch.")
+@click.option("--grad-accum", default=8, show_default=True, type=click.IntRange(1), help="Micro-batches per step.")
+@click.option("--seqlen", default=256, show_default=True, type=click.IntRange(2), help="Tokens per example.")
+@click.option("--lr", default=2e-4, show_default=True, type=float, help="Learning rate of the sparse values.")
+@click.option("--lr-lowrank", default=7e-4, show_default=True, type=float, help="Learning rate of A and B.")
+@click.option("--warmup-steps", default=64, show_default=True, type=click.IntRange(0),
+              help="RoSA: low-rank-only steps before the sparse support is chosen.")
+@click.option("--mask-samples", default=32, show_default=True, type=click.IntRange(1),
+              help="RoSA: examples whose gradients choose the support.")
+@click.option("--schedule", default="restart", show_default=True, type=click.Choice(["restart", "continue"]),
+              help="After support selection: fresh optimizer and schedule, or continue.")
+@click.option("--eval-data", default=None, help="Held-out SOURCE for perplexity during training.")
+@click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
+@click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+              help="Where checkpoints go (default: OUTPUT.ckpt beside the output).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint (same settings required).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing pack at --output (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@_fail_cleanly
+def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_dir: Path | None, as_json: bool,
+             **kwargs: Any) -> None:  # fmt: skip
+    """Train a sparse + low-rank correction (RoSA) or a LoRA on the frozen base of PACK.
+
+    PACK may be a sparsepack pack, a GPTQ checkpoint or a plain HF model directory. The output is a pack with
+    the base plus adapters/NAME (PEFT-compatible LoRA part + sparse sidecar + metrics.jsonl and loss.png).
+    """
+    from sparsepack.config import TrainConfig
+    from sparsepack.pipeline.finetune import finetune as run_finetune
+
+    cfg = TrainConfig(**kwargs)
+    res = run_finetune(pack, out, cfg, overwrite=overwrite, resume=resume, checkpoint_dir=checkpoint_dir,
+                       progress=not as_json)  # fmt: skip
+    s = res.summary
+    human = (f"wrote {out} (adapter {cfg.adapter!r}, {cfg.method}): {s['steps']} steps, {s['tokens']} tokens, "
+             f"final loss {s['final_loss']:.4f}, {s['seconds']:.1f} s"
+             + (f", eval perplexity {s['eval_ppl']:.3f}" if 'eval_ppl' in s else ""))  # fmt: skip
+    _emit({"path": str(out), "adapter": cfg.adapter, **s}, as_json, human)
+
+
 # ------------------------------------------------------------------------------------------------ inspect
 
 

@@ -68,3 +68,57 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """How ``finetune`` trains a correction on the frozen base."""
+
+    data: str = "stdlib:pydoc@train"  # training data SOURCE
+    adapter: str = "default"  # name of the adapter written into the output pack
+    method: str = "rosa"  # a preset in methods.presets (rosa, lora, ...)
+    rank: int = 16  # low-rank dimension r
+    density: float = 0.006  # sparse entries per adapted weight, as a fraction of out * in
+    target: str = "all-linear"  # which linears to adapt: all-linear or a regex of module names
+    alpha: float = 16.0  # low-rank scaling numerator: s = alpha / r
+    dropout: float = 0.05  # dropout on the low-rank input
+    steps: int | None = None  # optimizer steps of the main phase (None: --epochs)
+    epochs: float = 1.0  # passes over the data when --steps is not given
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 8  # micro-batches per optimizer step
+    seqlen: int = 256  # tokens per example
+    lr: float = 2e-4  # learning rate of the sparse values
+    lr_lowrank: float = 7e-4  # learning rate of A and B
+    weight_decay: float = 0.0  # AdamW weight decay
+    lr_warmup: float = 0.03  # fraction of the steps with a linear learning-rate warm-up (then cosine decay)
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    warmup_steps: int = 64  # RoSA: low-rank-only steps before the support is chosen
+    mask_samples: int = 32  # RoSA: examples whose gradients score the support
+    fisher_budget: float = 0.25  # support selection: extra memory per pass, as a fraction of the adapted weights
+    schedule: str = "restart"  # after support selection: restart (fresh optimizer, schedule from 0) or continue
+    eval_data: str | None = None  # held-out SOURCE for perplexity during training
+    eval_every: int = 0  # optimizer steps between evaluations (0 = only at the end when eval_data is given)
+    eval_windows: int = 16  # windows of eval_data used per evaluation
+    save_every: int = 0  # optimizer steps between checkpoints (0 = none)
+    seed: int = 0  # initialization, data order, dropout
+    device: str = "cpu"  # cpu or cuda
+
+    def __post_init__(self) -> None:
+        from sparsepack.formats.adapter_layout import validate_adapter_name
+
+        validate_adapter_name(self.adapter)
+        if self.rank < 0 or not 0 <= self.density < 1:
+            raise ValueError(f"--rank must be >= 0 and --density in [0, 1), got {self.rank}, {self.density}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be positive, got {self.steps}")
+        if self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.seqlen < 2:
+            raise ValueError("--epochs, --batch-size, --grad-accum must be positive and --seqlen >= 2")
+        if self.schedule not in ("restart", "continue"):
+            raise ValueError(f"--schedule must be restart or continue, got {self.schedule!r}")
+        if self.warmup_steps < 0 or self.mask_samples < 1:
+            raise ValueError("--warmup-steps must be >= 0 and --mask-samples >= 1")
+        if not 0 < self.fisher_budget <= 1:
+            raise ValueError(f"fisher_budget must be in (0, 1], got {self.fisher_budget}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

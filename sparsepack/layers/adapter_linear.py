@@ -1,21 +1,38 @@
 """SparseLowRankLinear: a frozen base linear plus named corrections ``s * B @ A + S``.
 
-Adapters live in dicts keyed by name, so switching the active set is free (no tensor moves). ``S`` is CSR:
-``values [nnz]``, ``row_ptr`` int32 ``[out + 1]``, ``col_idx`` int32 ``[nnz]`` over the ``[out, in]`` weight.
+Adapters live in dicts keyed by name, so switching the active set is free (no tensor moves):
+
+- ``lora_A[name]`` ``[r, in]`` and ``lora_B[name]`` ``[out, r]`` (PEFT's names and layout), ``scaling[name] = alpha/r``;
+- ``sparse_values[name]`` ``[nnz]`` on a fixed ``supports[name]`` (CSR, int32 indices) over the ``[out, in]`` weight.
+
+The forward goes through ``kernels.sparse_lowrank_linear_multi``: the base never gets a gradient and no
+dense weight-sized tensor is kept for backward. Dropout (training only) applies to the low-rank input.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from sparsepack.formats.adapter_layout import AdapterModule
+from sparsepack.kernels import (
+    BaseWeight,
+    CSRSupport,
+    DenseBase,
+    GPTQBase,
+    LowRankPart,
+    SparsePart,
+    csr_row_indices,
+    sparse_lowrank_linear_multi,
+)
+from sparsepack.layers.quantized_linear import QuantizedLinear
 
 
 def csr_row_idx(row_ptr: torch.Tensor) -> torch.Tensor:
     """Row index of every stored entry (COO rows from CSR): int32 ``[nnz]``."""
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int32), counts)
+    return csr_row_indices(row_ptr, int(row_ptr[-1]))
 
 
 class SparseLowRankLinear(nn.Module):
@@ -29,91 +46,121 @@ class SparseLowRankLinear(nn.Module):
         self.lora_A = nn.ParameterDict()  # name -> [r, in]
         self.lora_B = nn.ParameterDict()  # name -> [out, r]
         self.sparse_values = nn.ParameterDict()  # name -> [nnz]
+        self.supports: dict[str, CSRSupport] = {}
         self.scaling: dict[str, float] = {}
+        self.alpha: dict[str, float] = {}
         self.dropout = nn.ModuleDict()
-        self._csr: dict[
-            str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-        ] = {}  # name -> row_ptr, col, row
         self.active: list[str] = []
+
+    # ----------------------------------------------------------------------------------------- adapters
 
     @property
     def adapter_names(self) -> list[str]:
         return sorted(set(self.lora_A) | set(self.sparse_values))
 
-    def add_adapter(
-        self, name: str, module: AdapterModule, dropout: float = 0.0, trainable: bool = False
-    ) -> None:
-        """Attach one module's correction under ``name`` (replacing any adapter of that name)."""
+    @property
+    def device(self) -> torch.device:
+        return next(t for t in list(self.base.parameters()) + list(self.base.buffers())).device
+
+    def add_adapter(self, name: str, module: AdapterModule, dropout: float = 0.0, trainable: bool = False) -> None:
+        """Attach one module's stored correction under ``name`` (replacing any adapter of that name)."""
         self.delete_adapter(name)
-        ref = self.base_reference_tensor()
-        device = ref.device
         if module.rank:
-            self.lora_A[name] = nn.Parameter(module.A.to(device), requires_grad=trainable)
-            self.lora_B[name] = nn.Parameter(module.B.to(device), requires_grad=trainable)
+            self.lora_A[name] = nn.Parameter(module.A.to(self.device, torch.float32), requires_grad=trainable)
+            self.lora_B[name] = nn.Parameter(module.B.to(self.device, torch.float32), requires_grad=trainable)
             self.scaling[name] = module.scaling
+            self.alpha[name] = module.alpha
         if module.values is not None:
-            self.sparse_values[name] = nn.Parameter(module.values.to(device), requires_grad=trainable)
-            row_ptr = module.row_ptr.to(torch.int32)
-            self._csr[name] = (row_ptr.to(device), module.col_idx.to(torch.int32).to(device),
-                               csr_row_idx(row_ptr).to(device))  # fmt: skip
+            row_ptr = module.row_ptr.to(self.device, torch.int32)
+            col_idx = module.col_idx.to(self.device, torch.int32)
+            support = CSRSupport(row_ptr, col_idx, csr_row_idx(row_ptr), (self.out_features, self.in_features))
+            self.set_support(name, support, module.values.to(self.device, torch.float32), trainable)
         self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def init_lowrank(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
+                     generator: torch.Generator | None = None) -> None:  # fmt: skip
+        """A fresh trainable low-rank part: A ~ kaiming-uniform (as PEFT), B = 0, so the correction starts at 0."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+        A = (torch.rand(rank, self.in_features, generator=generator) * 2 - 1) * bound
+        self.lora_A[name] = nn.Parameter(A.to(self.device))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=self.device))
+        self.scaling[name] = alpha / rank
+        self.alpha[name] = alpha
+        self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def set_support(self, name: str, support: CSRSupport, values: torch.Tensor | None = None,
+                    trainable: bool = True) -> None:  # fmt: skip
+        """Give adapter ``name`` a sparse part on ``support`` (values default to 0)."""
+        if tuple(support.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"support shape {support.shape} != layer ({self.out_features}, {self.in_features})")
+        if values is None:
+            values = torch.zeros(support.nnz, device=self.device)
+        self.supports[name] = support
+        self.sparse_values[name] = nn.Parameter(values, requires_grad=trainable)
+        if name not in self.dropout:
+            self.dropout[name] = nn.Identity()
 
     def delete_adapter(self, name: str) -> None:
         for d in (self.lora_A, self.lora_B, self.sparse_values, self.dropout):
             if name in d:
                 del d[name]
-        self.scaling.pop(name, None)
-        self._csr.pop(name, None)
+        for d in (self.scaling, self.alpha, self.supports):
+            d.pop(name, None)
         self.active = [a for a in self.active if a != name]
 
-    def base_reference_tensor(self) -> torch.Tensor:
-        for t in list(self.base.parameters()) + list(self.base.buffers()):
-            return t
-        raise ValueError("base layer has no tensors")
+    def export_adapter(self, name: str) -> AdapterModule:
+        """The stored form of adapter ``name`` (detached CPU tensors)."""
+        m = AdapterModule(shape=(self.out_features, self.in_features), alpha=self.alpha.get(name, 16.0))
+        if name in self.lora_A:
+            m.A = self.lora_A[name].detach().cpu().contiguous()
+            m.B = self.lora_B[name].detach().cpu().contiguous()
+        if name in self.sparse_values:
+            s = self.supports[name]
+            m.values = self.sparse_values[name].detach().cpu().contiguous()
+            m.row_ptr, m.col_idx = s.row_ptr.cpu(), s.col_idx.cpu()
+        return m
 
-    def csr(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._csr[name]
+    # ----------------------------------------------------------------------------------------- compute
+
+    def base_weight(self) -> BaseWeight:
+        b = self.base
+        if isinstance(b, QuantizedLinear):
+            return GPTQBase(b.qweight, b.qzeros, b.scales, b.g_idx, b.bits, b.bias)
+        return DenseBase(b.weight, b.bias)
+
+    def dense_base(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight ``[out, in]``."""
+        return self.base_weight().dense(dtype)
 
     def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense ``[out, in]`` correction of adapter ``name`` (for merging and tests)."""
-        dw = torch.zeros(
-            self.out_features, self.in_features, dtype=dtype, device=self.base_reference_tensor().device
-        )
+        dw = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.device)
         if name in self.lora_A:
-            dw += self.scaling[name] * (self.lora_B[name].to(dtype) @ self.lora_A[name].to(dtype))
+            dw += self.scaling[name] * (self.lora_B[name].detach().to(dtype) @ self.lora_A[name].detach().to(dtype))
         if name in self.sparse_values:
-            _, col, row = self._csr[name]
-            dw.index_put_((row.long(), col.long()), self.sparse_values[name].to(dtype), accumulate=True)
+            s = self.supports[name]
+            dw.index_put_((s.row_idx.long(), s.col_idx.long()), self.sparse_values[name].detach().to(dtype),
+                          accumulate=True)  # fmt: skip
         return dw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if not self.active:
+            return self.base(x)
+        lowrank, sparse, extra = [], [], None
         for name in self.active:
             if name in self.lora_A:
-                h = self.dropout[name](x) @ self.lora_A[name].to(x.dtype).t()  # (..., r)
-                y = y + self.scaling[name] * (h @ self.lora_B[name].to(x.dtype).t())
+                A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+                drop = self.dropout[name]
+                if self.training and isinstance(drop, nn.Dropout):  # dropout sees only the low-rank input
+                    h = drop(x) @ A.to(x.dtype).t()  # (..., r)
+                    term = s * (h @ B.to(x.dtype).t())
+                    extra = term if extra is None else extra + term
+                else:
+                    lowrank.append(LowRankPart(A, B, s))
             if name in self.sparse_values:
-                y = y + sparse_matmul(x, self.sparse_values[name], *self._csr[name], self.out_features)
-        return y
+                sparse.append(SparsePart(self.sparse_values[name], self.supports[name]))
+        y = sparse_lowrank_linear_multi(x, self.base_weight(), lowrank, sparse)
+        return y if extra is None else y + extra
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"
-        )
-
-
-def sparse_matmul(
-    x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, row_idx: torch.Tensor,
-    out_features: int,
-) -> torch.Tensor:  # fmt: skip
-    """``x [..., in] @ S^T -> [..., out]`` for CSR ``S``; differentiable in x and values."""
-    from sparsepack import kernels
-
-    spmm = getattr(kernels, "spmm", None)
-    if spmm is not None:
-        return spmm(x, values, row_ptr, col_idx, (out_features, x.shape[-1]))
-    xf = x.reshape(-1, x.shape[-1])  # (T, in)
-    contrib = xf[:, col_idx.long()] * values.to(x.dtype)  # (T, nnz)
-    out = torch.zeros(xf.shape[0], out_features, dtype=x.dtype, device=x.device)
-    out = out.index_add(1, row_idx.long(), contrib)
-    return out.reshape(*x.shape[:-1], out_features)
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"

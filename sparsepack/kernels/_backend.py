@@ -1,0 +1,79 @@
+"""Which implementation of a kernel runs, and the only place that imports triton.
+
+Three backends, one name each:
+
+==========  ==========================================================================================
+reference   plain torch, the definition every other path is tested against (any device, any dtype)
+cpu         the fast CPU path: torch ops plus numba kernels compiled on first use (``cache=True``)
+triton      Triton kernels for CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (tests)
+==========  ==========================================================================================
+
+The choice, first match wins: an explicit ``backend=`` argument, then the ``SPARSEPACK_BACKEND`` environment
+variable, then the device of the tensors (cpu -> ``cpu``, cuda -> ``triton``, anything else -> ``reference``).
+Nothing here imports triton or numba at import time: :func:`import_triton` and :func:`kernel_module` do it on
+first use, so ``import sparsepack`` stays cheap and works where neither is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton")
+ENV_VAR = "SPARSEPACK_BACKEND"
+
+
+def resolve(device: torch.device, backend: str | None = None) -> str:
+    """The backend to use for tensors on ``device``.
+
+    Args:
+        device: where the operands live.
+        backend: an explicit choice (one of :data:`BACKENDS`); None defers to the environment and the device.
+
+    Returns:
+        One of :data:`BACKENDS`.
+
+    Raises:
+        ValueError: an unknown backend name, or ``cpu`` asked for CUDA tensors.
+        RuntimeError: ``triton`` needed but not importable.
+    """
+    choice = backend or os.environ.get(ENV_VAR) or None
+    if choice is None:
+        choice = {"cpu": "cpu", "cuda": "triton"}.get(device.type, "reference")
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {choice!r}; expected one of {BACKENDS} (from {ENV_VAR} or backend=)")
+    if choice == "cpu" and device.type != "cpu":
+        raise ValueError(f"the cpu backend needs CPU tensors, got {device}")
+    if choice == "triton":
+        import_triton()
+        if device.type == "cpu" and not interpreting():
+            raise ValueError("the triton backend runs CPU tensors only in the interpreter: set TRITON_INTERPRET=1")
+    return choice
+
+
+@functools.cache
+def import_triton() -> tuple[ModuleType, ModuleType]:
+    """``(triton, triton.language)``, or a RuntimeError saying how to get them."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as err:  # pragma: no cover - triton is installed wherever these tests run
+        raise RuntimeError(
+            "sparsepack's CUDA kernels need Triton: `pip install triton` (it ships with CUDA builds of torch), "
+            f"or set {ENV_VAR}=reference to run the plain-torch kernels"
+        ) from err
+    return triton, tl
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``), as the tests do."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_module(name: str) -> ModuleType:
+    """Import ``sparsepack.kernels.<name>`` on first use (the numba and triton kernel modules)."""
+    return importlib.import_module(f"sparsepack.kernels.{name}")

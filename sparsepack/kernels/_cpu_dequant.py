@@ -1,0 +1,140 @@
+"""CPU path of the GPTQ-v1 matmul: dequantize a block of input rows with numba, multiply with torch's GEMM.
+
+A fused dequant-GEMM cannot beat MKL/oneDNN's GEMM at hundreds of tokens on CPU, so the fast path is: unpack
+``_chunk_rows(K, N)`` input rows of ``W [K, N]`` into one reused fp32 buffer (a single parallel pass over the
+packed words), then ``y += x[:, k0:k1] @ W[k0:k1]``. Peak extra memory is one chunk (at most
+``_CHUNK_ELEMENTS`` floats), never a dense copy of the layer. Rows are read through ``g_idx``, so monotone and
+act-order layouts take the same path.
+
+The same pass can add a sparse matrix into the chunk (``fold``): ``W[k, n] += S[n, k]``, which is how the
+autograd layer gets ``x @ (W + S^T)`` for the price of the dequantization it does anyway.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from sparsepack.kernels._cpu_sparse import _JIT, coo_to_csc
+
+_CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per chunk: whole SmolLM2/7B-attention layers in one or a few chunks
+
+
+@numba.njit(parallel=True, **_JIT)
+def _dequant_kernel(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out):  # pragma: no cover
+    # out[k - k0, n] = scales[g, n] * (q[k, n] - zeros[g, n]) + sum of folded entries, g = g_idx[k].
+    # qweight int32 (K*bits/32, N) is one little-endian bit stream per column; zeros/scales (G, N) float.
+    n_cols = qweight.shape[1]
+    mask = np.int32((1 << bits) - 1)
+    ftype = out.dtype.type
+    for i in numba.prange(out.shape[0]):
+        k = k0 + i
+        bit = k * bits
+        w = bit >> 5
+        off = bit & 31
+        g = g_idx[k]
+        orow = out[i]
+        lo = qweight[w]
+        zrow = zeros[g]
+        srow = scales[g]
+        if off + bits <= 32:
+            for n in range(n_cols):
+                q = (lo[n] >> off) & mask  # arithmetic shift is fine: the kept bits are below 32 - off
+                orow[n] = srow[n] * (ftype(q) - zrow[n])
+        else:  # 3-bit values 10 and 21 of each 32-value block straddle two words
+            hi = qweight[w + 1]
+            low_bits = 32 - off
+            for n in range(n_cols):
+                q = ((lo[n] >> off) & ((1 << low_bits) - 1)) | ((hi[n] << low_bits) & mask)
+                orow[n] = srow[n] * (ftype(q) - zrow[n])
+        for e in range(fold_ptr[k], fold_ptr[k + 1]):
+            orow[fold_rows[e]] += fold_vals[e]
+
+
+@numba.njit(**_JIT)
+def _unpack_cols_kernel(packed, bits, n_cols):  # pragma: no cover - compiled
+    # int32 (G, n_cols*bits/32) packed along dim 1 -> int32 (G, n_cols); same bit stream as qweight.
+    out = np.empty((packed.shape[0], n_cols), dtype=np.int32)
+    mask = (1 << bits) - 1
+    for g in range(packed.shape[0]):
+        for n in range(n_cols):
+            bit = n * bits
+            w = bit >> 5
+            off = bit & 31
+            q = (packed[g, w] >> off) & mask
+            if off + bits > 32:
+                low_bits = 32 - off
+                q = ((packed[g, w] >> off) & ((1 << low_bits) - 1)) | ((packed[g, w + 1] << low_bits) & mask)
+            out[g, n] = q
+    return out
+
+
+def _chunk_rows(K: int, N: int) -> int:
+    """Input rows per chunk: as many as fit in ``_CHUNK_ELEMENTS``, at least 64 (GEMM efficiency)."""
+    return max(64, min(K, _CHUNK_ELEMENTS // max(N, 1)))
+
+
+class Fold:
+    """Sparse entries to add into ``W [K, N]`` while dequantizing: ``W[col, row] += value`` for ``S [N, K]``.
+
+    Entries are sorted by ``col`` (counting sort) so that each dequantized input row finds its own in
+    ``ptr[k]:ptr[k+1]``. Build one per call; it is O(nnz + K).
+    """
+
+    def __init__(self, row_idx: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, K: int, dtype):
+        ptr, perm = coo_to_csc(row_idx, col_idx, K)
+        perm_t = torch.from_numpy(perm).long()
+        self.ptr = ptr
+        self.rows = row_idx.to(torch.int32)[perm_t].contiguous().numpy()
+        self.vals = values.detach().to(dtype)[perm_t].contiguous().numpy()
+
+    @staticmethod
+    def empty(K: int, dtype) -> Fold:
+        e = torch.zeros(0, dtype=torch.int32)
+        return Fold(e, e, torch.zeros(0, dtype=dtype), K, dtype)
+
+
+def dequantize_rows(qweight, zeros_f, scales_f, g_idx_np, bits, k0, out, fold: Fold) -> None:
+    """Write rows ``[k0, k0 + out.shape[0])`` of the dense ``W`` into ``out`` (numpy, fp32 or fp64)."""
+    _dequant_kernel(qweight, zeros_f, scales_f, g_idx_np, bits, k0, fold.ptr, fold.rows, fold.vals, out)
+
+
+def dequant_matmul(
+    a: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    transpose: bool = False,
+    fold: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``a [T, K] @ W -> [T, N]``, or with ``transpose`` ``a [T, N] @ W^T -> [T, K]``, chunk by chunk.
+
+    Args:
+        a: 2-D activations (any float dtype; fp16/bf16 multiply in their own dtype after an fp32 dequant).
+        qweight, qzeros, scales, g_idx, bits: the GPTQ-v1 tensors (see ``formats.gptq_layout``).
+        transpose: compute the input-gradient product ``a @ W^T`` instead.
+        fold: optional ``(row_idx, col_idx, values)`` of a sparse ``S [N, K]`` to add as ``W + S^T``.
+    """
+    K, N = g_idx.numel(), scales.shape[1]
+    wdt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    zeros_f = torch.from_numpy(_unpack_cols_kernel(qzeros.contiguous().numpy(), bits, N)).to(wdt) + 1
+    scales_f = scales.to(wdt).contiguous()
+    qw = qweight.contiguous().numpy()
+    g = g_idx.to(torch.int32).contiguous().numpy()
+    folded = Fold(*fold, K, wdt) if fold is not None else Fold.empty(K, wdt)
+    rows = _chunk_rows(K, N)
+    buf = torch.empty(min(rows, K), N, dtype=wdt)  # (rows, N) reused across chunks
+    out = torch.zeros(a.shape[0], K if transpose else N, dtype=a.dtype)
+    for k0 in range(0, K, rows):
+        k1 = min(K, k0 + rows)
+        chunk = buf[: k1 - k0]
+        dequantize_rows(qw, zeros_f.numpy(), scales_f.numpy(), g, bits, k0, chunk.numpy(), folded)
+        w = chunk if a.dtype == wdt else chunk.to(a.dtype)  # (k1 - k0, N)
+        if transpose:
+            out[:, k0:k1] = a @ w.t()  # (T, k1 - k0)
+        else:
+            out.addmm_(a[:, k0:k1], w)
+    return out

@@ -1,0 +1,153 @@
+"""finetune: train a correction on a pack's frozen base and write a new pack that carries it as an adapter.
+
+The base (GPTQ pack, GPTQ checkpoint or plain HF model) is loaded with ``sparsepack.load``; the training loop
+lives in ``trainer.py``; this module prepares data, handles checkpoints/resume and writes the output pack
+(the source pack's files, hard-linked when possible, plus ``adapters/<name>/``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsepack.config import TrainConfig
+from sparsepack.formats.adapter_layout import Adapter, write_adapter
+from sparsepack.formats.errors import OutputExistsError
+from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, StageRecord
+from sparsepack.formats.pack import Pack, record_files, staged_dir
+from sparsepack.pipeline import checkpoint as ckpt
+from sparsepack.pipeline.trainer import Trainer
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_checkpoint_dir(out: Path) -> Path:
+    out = Path(out).absolute()
+    return out.parent / f"{out.name}.ckpt"
+
+
+def finetune(pack: str | Path, out: str | Path, cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
+             checkpoint_dir: Path | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
+    """Train adapter ``cfg.adapter`` on the base at ``pack``; write the result as a pack at ``out``."""
+    from sparsepack.pipeline.data import completion_examples, token_windows
+    from sparsepack.runtime.loader import load
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
+    model = load(pack, device=cfg.device, dtype=torch.float32)
+    src: Pack = model.sparsepack.pack
+    tokenizer = load_tokenizer(pack)
+    examples = completion_examples(tokenizer, cfg.data, cfg.seqlen)
+    eval_windows = None
+    if cfg.eval_data:
+        eval_windows = token_windows(tokenizer, cfg.eval_data, cfg.seqlen, cfg.eval_windows)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
+    resume_from = ckpt.latest_checkpoint(ckpt_dir) if resume else None
+    if resume and resume_from is None:
+        warnings.warn(f"{ckpt_dir}: no checkpoint to resume from; starting from scratch", stacklevel=2)
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from)[1]["config"]
+        changed = {k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ("device", "save_every")}
+        if changed:
+            raise ValueError(f"{resume_from}: resuming needs the same settings; these differ: {sorted(changed)}")
+    elif ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh run: stale checkpoints and metrics of an earlier run must not mix in
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows)
+    trainer.setup()
+    summary = trainer.run(resume_from)
+    summary["examples"] = len(examples)
+
+    adapter = Adapter(
+        modules={n: layer.export_adapter(cfg.adapter) for n, layer in trainer.layers.items()},
+        method=cfg.method,
+        meta={"support": trainer.preset.support_rule, "dropout": cfg.dropout, "training": summary,
+              "config": cfg.to_dict()},  # fmt: skip
+    )
+    write_adapter_pack(src, out, cfg.adapter, adapter, StageRecord("finetune", cfg.to_dict(), summary=summary),
+                       ckpt_dir, overwrite=overwrite)  # fmt: skip
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return FinetuneResult(out, summary, trainer.state.history)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # packs are never modified in place, so sharing the inode is safe and free
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_adapter_pack(src: Pack, out: Path, name: str, adapter: Adapter, record: StageRecord,
+                       extras_dir: Path | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+    """A new pack = ``src``'s files (minus any old adapter ``name``) + ``adapters/<name>/``."""
+    manifest = copy.deepcopy(src.manifest) if src.kind == "sparsepack" else Manifest(
+        base={"source": str(src.path), "model_type": src.config.model_type},
+        quantization=dict(src.quant) if src.quant else None)  # fmt: skip
+    with staged_dir(out, overwrite) as tmp:
+        for path in sorted(p for p in src.path.rglob("*") if p.is_file()):
+            rel = path.relative_to(src.path)
+            if rel.as_posix() == MANIFEST_FILE or rel.parts[:2] == ("adapters", name):
+                continue
+            if src.kind == "sparsepack" and rel.as_posix() not in src.manifest.files:
+                continue  # only what the source pack vouches for
+            _link_or_copy(path, tmp / rel)
+        adir = tmp / "adapters" / name
+        adir.mkdir(parents=True)
+        write_adapter(adir, adapter, base_model=str(src.manifest.base.get("source", src.path)))
+        if extras_dir is not None and (extras_dir / "metrics.jsonl").is_file():
+            shutil.copy2(extras_dir / "metrics.jsonl", adir / "metrics.jsonl")
+            _plot_loss(adir / "metrics.jsonl", adir / "loss.png")
+        manifest.adapters[name] = {
+            "path": f"adapters/{name}", "method": adapter.method,
+            "modules": len(adapter.modules),
+            "parameters": sum(m.nnz + m.rank * sum(m.shape) for m in adapter.modules.values()),
+        }  # fmt: skip
+        manifest.history.append(record)
+        record_files(tmp, manifest)
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    return out
+
+
+def _plot_loss(metrics: Path, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        pts = [(r["step"], r["loss"]) for r in rows if r["phase"] == phase]
+        ax.plot(*zip(*pts, strict=True), label=phase)
+    evals = [(r["step"], r["eval_ppl"]) for r in rows if r.get("eval_ppl")]
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend(loc="upper right")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals, strict=True), "k--", marker="o", label="eval ppl")
+        ax2.set_ylabel("held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

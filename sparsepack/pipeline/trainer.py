@@ -1,0 +1,363 @@
+"""The training loop of ``finetune``: a sparse + low-rank correction on a frozen (quantized or dense) base.
+
+Phases (RoSA, Nikdan et al. 2024): a low-rank-only warm-up, support selection from a streamed diagonal-Fisher
+estimate, then joint training of both parts on the fixed support — restarting from the warm-up's A/B with a
+fresh optimizer and schedule (``restart``, as the reference code does) or continuing. Methods without a
+sparse part (``lora``) run the last phase only. Which parts exist, how the support is chosen and how the
+budget is spread are presets/registrations in ``sparsepack.methods``.
+
+Every ``save_every`` steps the whole training state is checkpointed (``checkpoint.py``); ``resume`` continues
+from the latest checkpoint with the same data order and RNG, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsepack.config import TrainConfig
+from sparsepack.kernels import CSRSupport, FisherState, fisher_accumulate
+from sparsepack.layers.adapter_linear import SparseLowRankLinear
+from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
+from sparsepack.methods.allocation import ALLOCATORS
+from sparsepack.methods.masks import SUPPORT_RULES, SupportContext
+from sparsepack.methods.presets import PRESETS, Preset
+from sparsepack.pipeline import checkpoint as ckpt
+from sparsepack.pipeline.batches import Batcher, Cursor
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Phase:
+    name: str  # "warmup" (low-rank only) | "select" (support selection) | "train"
+    steps: int = 0
+
+
+@dataclass
+class TrainState:
+    phase: int = 0  # index into the phase list
+    step: int = 0  # optimizer steps done in the current phase
+    global_step: int = 0  # optimizer steps done in all phases
+    tokens: int = 0  # label tokens trained on
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics rows
+
+
+def plan_phases(preset: Preset, cfg: TrainConfig, steps: int) -> list[Phase]:
+    phases = []
+    if preset.sparse and preset.lowrank and preset.lowrank_warmup and cfg.warmup_steps > 0:
+        phases.append(Phase("warmup", cfg.warmup_steps))
+    if preset.sparse:
+        phases.append(Phase("select"))
+    phases.append(Phase("train", steps))
+    return phases
+
+
+def cosine_lr(step: int, total: int, warmup_frac: float) -> float:
+    """Multiplier: linear warm-up over ``warmup_frac * total`` steps, then cosine decay to 0."""
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Owns the model's adapted layers, optimizer, data order and phase; one instance per run."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: TrainConfig, examples, ckpt_dir: Path | None,
+                 progress: bool = True, eval_windows: torch.Tensor | None = None) -> None:  # fmt: skip
+        self.model = model
+        self.cfg = cfg
+        self.preset = PRESETS.get(cfg.method)
+        self.device = torch.device(cfg.device)
+        self.ckpt_dir = ckpt_dir
+        self.progress = progress
+        self.eval_windows = eval_windows
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.batcher = Batcher(examples, cfg.batch_size, pad, cfg.seed)
+        per_step = cfg.batch_size * cfg.grad_accum
+        steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
+        self.phases = plan_phases(self.preset, cfg, steps)
+        self.state = TrainState()
+        self.layers: dict[str, SparseLowRankLinear] = {}
+        self.budgets = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.metrics_path = ckpt_dir / "metrics.jsonl" if ckpt_dir else None
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model.requires_grad_(False)
+        names = find_targets(self.model, cfg.target)
+        shapes = {}
+        for n in names:
+            layer = wrap(self.model, n)
+            self.layers[n] = layer
+            shapes[n] = (layer.out_features, layer.in_features)
+        rank = cfg.rank if self.preset.lowrank else 0
+        density = cfg.density if self.preset.sparse else 0.0
+        self.budgets = ALLOCATORS.get(self.preset.allocator)(shapes, rank, density)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for n, layer in self.layers.items():
+            if self.budgets[n].rank:
+                layer.init_lowrank(cfg.adapter, self.budgets[n].rank, cfg.alpha, cfg.dropout, gen)
+        set_active_adapters(self.model, cfg.adapter)
+
+    def _param_names(self) -> dict[int, str]:
+        out = {}
+        for n, layer in self.layers.items():
+            for kind, d in (("A", layer.lora_A), ("B", layer.lora_B), ("S", layer.sparse_values)):
+                if self.cfg.adapter in d:
+                    out[id(d[self.cfg.adapter])] = f"{n}.{kind}"
+        return out
+
+    def _build_optimizer(self, with_sparse: bool) -> None:
+        a = self.cfg.adapter
+        lowrank = [p for layer in self.layers.values() for d in (layer.lora_A, layer.lora_B) if a in d for p in [d[a]]]
+        sparse = [layer.sparse_values[a] for layer in self.layers.values() if a in layer.sparse_values]
+        groups = []
+        if lowrank:
+            groups.append({"params": lowrank, "lr": self.cfg.lr_lowrank, "base_lr": self.cfg.lr_lowrank})
+        if with_sparse and sparse:
+            groups.append({"params": sparse, "lr": self.cfg.lr, "base_lr": self.cfg.lr})
+        chosen = {id(q) for g in groups for q in g["params"]}
+        for p in lowrank + sparse:
+            p.requires_grad_(id(p) in chosen)
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.model(**batch, use_cache=False).loss
+
+    def _train_step(self, phase: Phase) -> float:
+        total = 0.0
+        tokens = 0
+        for _ in range(self.cfg.grad_accum):
+            batch = self.batcher.next()
+            loss = self._loss(batch)
+            if not torch.isfinite(loss.detach()):
+                raise TrainingDivergedError(
+                    f"loss became {float(loss.detach())} at step {self.state.global_step} ({phase.name}); "
+                    f"last good checkpoint: {self._latest_name()}"
+                )
+            (loss / self.cfg.grad_accum).backward()
+            total += float(loss.detach()) / self.cfg.grad_accum
+            tokens += int((batch["labels"][:, 1:] != -100).sum())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        mult = cosine_lr(self.state.step, phase.steps, self.cfg.lr_warmup)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * mult
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.tokens += tokens
+        return total
+
+    def _latest_name(self) -> str:
+        if self.ckpt_dir is None:
+            return "none (no --save-every)"
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        return str(path) if path else "none yet"
+
+    # ------------------------------------------------------------------------------------------ selection
+
+    def _fisher_scores(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Mean squared dense gradient of each named layer over ``mask_samples`` examples (one pass)."""
+        states = {n: FisherState.zeros(*self.layers[n].dense_base().shape, device=self.device) for n in names}
+        handles = []
+        for n in names:
+
+            def fwd(_m, args, out, n=n):
+                x = args[0].detach()
+
+                def on_grad(dy: torch.Tensor) -> None:
+                    fisher_accumulate(states[n], dy.detach(), x)
+
+                if out.requires_grad:
+                    out.register_hook(on_grad)
+
+            handles.append(self.layers[n].register_forward_hook(fwd))
+        saved_cursor = Cursor(self.batcher.cursor.epoch, self.batcher.cursor.position)
+        try:
+            seen = 0
+            while seen < self.cfg.mask_samples:
+                batch = self.batcher.next()
+                self._loss(batch).backward()
+                seen += batch["input_ids"].shape[0]
+                self.optimizer.zero_grad(set_to_none=True)
+        finally:
+            for h in handles:
+                h.remove()
+        # every group scores the same examples: selection does not consume training data
+        self.batcher.cursor = saved_cursor
+        return {n: s.mean.float() for n, s in states.items()}
+
+    def _select_support(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        sizes = {n: layer.out_features * layer.in_features for n, layer in self.layers.items()}
+        budget = max(max(sizes.values()), int(self.cfg.fisher_budget * sum(sizes.values())))
+        groups, cur, used = [], [], 0
+        for n in self.layers:
+            if cur and used + sizes[n] > budget:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(n)
+            used += sizes[n]
+        groups.append(cur)
+        ctx = SupportContext(
+            shapes={n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()},
+            nnz={n: b.nnz for n, b in self.budgets.items()},
+            base_weight=lambda n: self.layers[n].dense_base(),
+            scores=self._fisher_scores,
+            groups=groups,
+            generator=torch.Generator().manual_seed(self.cfg.seed + 1),
+        )
+        supports: dict[str, CSRSupport] = SUPPORT_RULES.get(self.preset.support_rule)(ctx)
+        for n, s in supports.items():
+            self.layers[n].set_support(self.cfg.adapter, s)
+        return {"seconds": time.perf_counter() - start, "passes": len(groups),
+                "nnz": sum(s.nnz for s in supports.values())}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        a = self.cfg.adapter
+        tensors = ckpt.rng_state()
+        for n, layer in self.layers.items():
+            if a in layer.lora_A:
+                tensors[f"{n}.A"], tensors[f"{n}.B"] = layer.lora_A[a], layer.lora_B[a]
+            if a in layer.sparse_values:
+                s = layer.supports[a]
+                tensors[f"{n}.S"], tensors[f"{n}.row_ptr"], tensors[f"{n}.col_idx"] = (
+                    layer.sparse_values[a], s.row_ptr, s.col_idx)  # fmt: skip
+        opt_tensors, opt_scalars = ckpt.optimizer_state(self.optimizer, self._param_names())
+        tensors.update(opt_tensors)
+        meta = {
+            "phase": self.state.phase, "step": self.state.step, "global_step": self.state.global_step,
+            "tokens": self.state.tokens, "cursor": [self.batcher.cursor.epoch, self.batcher.cursor.position],
+            "optimizer_scalars": opt_scalars, "config": self.cfg.to_dict(),
+            "sparse_in_optimizer": len(self.optimizer.param_groups) > 1 or not any(
+                a in layer.lora_A for layer in self.layers.values()),
+        }  # fmt: skip
+        return tensors, meta
+
+    def restore(self, path: Path) -> None:
+        tensors, meta = ckpt.load_checkpoint(path)
+        a = self.cfg.adapter
+        for n, layer in self.layers.items():
+            if f"{n}.A" in tensors:
+                layer.lora_A[a].data.copy_(tensors[f"{n}.A"])
+                layer.lora_B[a].data.copy_(tensors[f"{n}.B"])
+            if f"{n}.S" in tensors:
+                rp, ci = tensors[f"{n}.row_ptr"].to(self.device), tensors[f"{n}.col_idx"].to(self.device)
+                from sparsepack.layers.adapter_linear import csr_row_idx
+
+                support = CSRSupport(rp, ci, csr_row_idx(rp), (layer.out_features, layer.in_features))
+                layer.set_support(a, support, tensors[f"{n}.S"].to(self.device).clone())
+        self._build_optimizer(with_sparse=meta["sparse_in_optimizer"])
+        ckpt.load_optimizer_state(self.optimizer, self._param_names(), tensors, meta["optimizer_scalars"])
+        self.state.phase, self.state.step = meta["phase"], meta["step"]
+        self.state.global_step, self.state.tokens = meta["global_step"], meta["tokens"]
+        self.batcher.cursor = Cursor(*meta["cursor"])
+        ckpt.set_rng_state(tensors)
+
+    def _save(self) -> None:
+        if self.ckpt_dir is None:
+            return
+        tensors, meta = self.state_tensors()
+        ckpt.save_checkpoint(self.ckpt_dir, self.state.global_step, tensors, meta)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def evaluate(self) -> float | None:
+        if self.eval_windows is None:
+            return None
+        from sparsepack.pipeline.evaluate import perplexity
+
+        was_training = self.model.training
+        res = perplexity(self.model, self.eval_windows, batch_size=self.cfg.batch_size, progress=False)
+        self.model.train(was_training)
+        return res.perplexity
+
+    def run(self, resume_from: Path | None = None) -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        if resume_from is not None:
+            self.restore(resume_from)
+        else:
+            self._build_optimizer(with_sparse=not self.preset.lowrank)
+        start = time.perf_counter()
+        bar = tqdm(total=sum(p.steps for p in self.phases), initial=self.state.global_step, desc="finetune",
+                   unit="step", disable=not self.progress)  # fmt: skip
+        while self.state.phase < len(self.phases):
+            phase = self.phases[self.state.phase]
+            if phase.name == "select":
+                self.model.train()
+                summary["selection"] = self._select_support()
+                # restart: A/B as the warm-up left them, fresh optimizer and schedule for both parts;
+                # continue: keep A/B's optimizer state and add the sparse values to it.
+                old = self.optimizer
+                self._build_optimizer(with_sparse=True)
+                if self.cfg.schedule == "continue" and old is not None:
+                    for p, st in old.state.items():
+                        self.optimizer.state[p] = st
+                self.state.phase += 1
+                self.state.step = 0
+                continue
+            self.model.train()
+            while self.state.step < phase.steps:
+                t0 = time.perf_counter()
+                tokens_before = self.state.tokens
+                loss = self._train_step(phase)
+                self.state.step += 1
+                self.state.global_step += 1
+                dt = time.perf_counter() - t0
+                row = {"step": self.state.global_step, "phase": phase.name, "loss": loss,
+                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": dt,
+                       "tokens_per_s": (self.state.tokens - tokens_before) / dt}  # fmt: skip
+                if self.cfg.eval_every and self.state.global_step % self.cfg.eval_every == 0:
+                    row["eval_ppl"] = self.evaluate()
+                self._log(row)
+                bar.update(1)
+                bar.set_postfix(phase=phase.name, loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if self.cfg.save_every and self.state.global_step % self.cfg.save_every == 0:
+                    if self.state.step == phase.steps:  # checkpoint at a phase boundary: resume at the next
+                        self.state.phase += 1
+                        self.state.step = 0
+                        self._save()
+                        self.state.phase -= 1
+                        self.state.step = phase.steps
+                    else:
+                        self._save()
+            self.state.phase += 1
+            self.state.step = 0
+        bar.close()
+        self.model.eval()
+        summary.update({"steps": self.state.global_step, "tokens": self.state.tokens,
+                        "seconds": time.perf_counter() - start,
+                        "final_loss": self.state.history[-1]["loss"] if self.state.history else None})  # fmt: skip
+        ppl = self.evaluate()
+        if ppl is not None:
+            summary["eval_ppl"] = ppl
+        return summary
