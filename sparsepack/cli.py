@@ -77,6 +77,8 @@ def main() -> None:
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Each group of sublayers sees the outputs of the already-quantized ones.")
 @click.option("--static-groups", is_flag=True, help="With act-order: group grids fixed up front (monotone g_idx).")
+@click.option("--group-aware/--no-group-aware", default=False, show_default=True,
+              help="Group-aware column order (GPTQModel's act_group_aware): most of act-order's gain, monotone g_idx.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice(["gptq", "rtn"]),
               help="gptq (error compensation on calibration data) or rtn (round to nearest, no data).")
 @click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of module names left unquantized.")
@@ -116,7 +118,8 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 
 @main.command()
 @click.argument("pack", type=click.Path(path_type=Path))
-@click.option("--data", required=True, help="Training data SOURCE (prompt/completion jsonl trains on completions only).")
+@click.option("--data", required=True,
+              help="Training data SOURCE (prompt/completion jsonl trains on completions only).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Pack directory to write.")
 @click.option("--adapter", default="default", show_default=True, help="Name of the adapter in the output pack.")
 @click.option("--method", default="rosa", show_default=True, help="rosa (sparse + low-rank) or lora (low-rank only).")
