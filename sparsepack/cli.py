@@ -172,6 +172,51 @@ def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_di
     _emit({"path": str(out), "adapter": cfg.adapter, **s}, as_json, human)
 
 
+# ------------------------------------------------------------------------------------------------ merge
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--adapter", "adapters", multiple=True, required=True,
+              help="Adapter to fold in; repeat for a weighted fusion of several.")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="Weight of each --adapter, in the same order (default 1.0 each).")
+@click.option("--mode", default="dense", show_default=True, type=click.Choice(["dense", "requantize"]),
+              help="dense: plain HF checkpoint; requantize: GPTQ the merged weights again into a pack.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]),
+              help="Dense mode: dtype of the written weights.")
+@click.option("--calib", default="stdlib:pydoc@train", show_default=True, help="Requantize: calibration SOURCE.")
+@click.option("--nsamples", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--seqlen", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@_fail_cleanly
+def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float, ...], mode: str, dtype: str,
+          calib: str, nsamples: int, seqlen: int, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+    """Fold adapters of PACK into the weights: a dense HF checkpoint, or a re-quantized GPTQ pack.
+
+    Requantize reuses the pack's own bits/group size/ordering and runs GPTQ on the merged weights.
+    """
+    from sparsepack.config import QuantConfig
+    from sparsepack.pipeline.merge import merge as run_merge
+
+    if weights and len(weights) != len(adapters):
+        raise click.BadParameter(f"{len(weights)} --weight values for {len(adapters)} --adapter", param_hint="--weight")
+    pairs = list(zip(adapters, weights or [1.0] * len(adapters), strict=True))
+    qcfg = None
+    if mode == "requantize":
+        from sparsepack.formats.pack import read_pack
+
+        q = read_pack(pack, verify=False, check_config=False).quant
+        if q is None:
+            raise click.BadParameter("the pack's base is not quantized; use --mode dense", param_hint="--mode")
+        qcfg = QuantConfig(bits=q["bits"], group_size=q["group_size"], act_order=q["desc_act"], sym=q["sym"],
+                           calib=calib, nsamples=nsamples, seqlen=seqlen)  # fmt: skip
+    res = run_merge(pack, out, pairs, mode=mode, dtype=dtype, qcfg=qcfg, overwrite=overwrite, progress=not as_json)
+    _emit(res.summary, as_json, f"wrote {out} ({mode}, adapters {pairs}) in {res.summary['seconds']:.1f} s")
+
+
 # ------------------------------------------------------------------------------------------------ inspect
 
 

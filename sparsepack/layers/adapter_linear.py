@@ -51,6 +51,9 @@ class SparseLowRankLinear(nn.Module):
         self.alpha: dict[str, float] = {}
         self.dropout = nn.ModuleDict()
         self.active: list[str] = []
+        self.row_adapters: list[str | None] | None = None  # per batch row (mixed batches); overrides `active`
+        self.fused: str | None = None  # adapter folded into a dense base weight (see fuse)
+        self._unfuse: tuple | None = None
 
     # ----------------------------------------------------------------------------------------- adapters
 
@@ -143,7 +146,56 @@ class SparseLowRankLinear(nn.Module):
                           accumulate=True)  # fmt: skip
         return dw
 
+    # ----------------------------------------------------------------------------------------- fusing
+
+    def fuse(self, name: str) -> None:
+        """Fold adapter ``name`` into a dense base weight in place (SHiRA-style switching).
+
+        Sparse-only adapters scatter their values and remember the ``nnz`` originals; a low-rank part
+        touches every entry, so the whole weight is backed up. :meth:`unfuse` restores it bit for bit.
+        """
+        if isinstance(self.base, QuantizedLinear):
+            raise TypeError("fuse needs a dense base; quantized bases merge with `sparsepack merge --mode requantize`")
+        self.unfuse()
+        w = self.base.weight.data
+        if name in self.lora_A:
+            self._unfuse = ("full", w.clone())
+        elif name in self.sparse_values:
+            s = self.supports[name]
+            flat = s.row_idx.long() * self.in_features + s.col_idx.long()
+            self._unfuse = ("sparse", flat, w.view(-1)[flat].clone())
+        else:
+            return
+        w += self.delta_weight(name, w.dtype)
+        self.fused = name
+
+    def unfuse(self) -> None:
+        if self._unfuse is None:
+            return
+        w = self.base.weight.data
+        if self._unfuse[0] == "full":
+            w.copy_(self._unfuse[1])
+        else:
+            w.view(-1)[self._unfuse[1]] = self._unfuse[2]  # duplicates restore the same original value
+        self._unfuse, self.fused = None, None
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixed batch: row ``i`` of ``x [b, ..., in]`` gets adapter ``row_adapters[i]`` (None = base)."""
+        rows = self.row_adapters
+        if len(rows) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(rows)} entries for a batch of {x.shape[0]}")
+        y = self.base(x)
+        for name in dict.fromkeys(r for r in rows if r is not None):
+            idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+            xi = x.index_select(0, idx)
+            y = y.index_add(0, idx, _delta(self, name, xi))
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_adapters is not None:
+            return self._routed(x)
         if not self.active:
             return self.base(x)
         lowrank, sparse, extra = [], [], None
@@ -164,3 +216,16 @@ class SparseLowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"
+
+
+def _delta(layer: SparseLowRankLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The correction of adapter ``name`` alone on ``x`` (inference path of mixed batches)."""
+    y = torch.zeros(*x.shape[:-1], layer.out_features, dtype=x.dtype, device=x.device)
+    if name in layer.lora_A:
+        y = y + layer.scaling[name] * ((x @ layer.lora_A[name].to(x.dtype).t()) @ layer.lora_B[name].to(x.dtype).t())
+    if name in layer.sparse_values:
+        from sparsepack.kernels import spmm
+
+        s = layer.supports[name]
+        y = y + spmm(x, layer.sparse_values[name].to(x.dtype), s.row_ptr, s.col_idx, s.shape)
+    return y

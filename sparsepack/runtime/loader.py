@@ -140,4 +140,6 @@ def load(
     set_active_adapters(model, adapter)
     active = [] if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
     model.sparsepack = PackInfo(pack=pack, active=active)
-    return model.eval()
+    from sparsepack.runtime.adapters import install
+
+    return install(model).eval()
