@@ -217,6 +217,48 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
     _emit(res.summary, as_json, f"wrote {out} ({mode}, adapters {pairs}) in {res.summary['seconds']:.1f} s")
 
 
+# ------------------------------------------------------------------------------------------------ generate
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue (the chat template is applied with --chat).")
+@click.option("--adapter", default=None, help="Adapter to activate (default: the bare base).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, type=float)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--top-k", default=50, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn with the tokenizer's chat template.")
+@click.option("--device", default="cpu", show_default=True)
+@_fail_cleanly
+def generate(pack: Path, prompt: str, adapter: str | None, max_new_tokens: int, do_sample: bool, temperature: float,
+             top_p: float, top_k: int, seed: int, chat: bool, device: str) -> None:  # fmt: skip
+    """Generate text from PACK, streaming tokens to the terminal (greedy unless --do-sample)."""
+    import torch
+    from transformers import TextStreamer
+
+    from sparsepack.runtime.loader import load
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    torch.manual_seed(seed)
+    model = load(pack, adapter=adapter, device=device)
+    tok = load_tokenizer(pack)
+    if chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    kwargs = {"do_sample": do_sample}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    with torch.no_grad():
+        model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=max_new_tokens,
+                       streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ inspect
 
 

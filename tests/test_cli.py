@@ -87,3 +87,15 @@ def test_inspect_text_json_and_verify(tmp_path, model):
 def test_missing_pack_is_a_clear_error(tmp_path):
     result = run("inspect", tmp_path / "nope")
     assert result.exit_code == 1 and "nope" in result.output and "no such pack" in result.output
+
+
+def test_generate_streams_the_greedy_continuation(tmp_path, model):
+    path, ref = rtn_pack(model, tmp_path / "p", adapters={"a": random_adapter(model)})
+    result = run("generate", path, "--prompt", "alpha beta", "--max-new-tokens", 5, "--adapter", "a")
+    assert result.exit_code == 0, result.output
+    import sparsepack
+
+    lm = sparsepack.load(path, adapter="a")
+    ids = tiny_tokenizer()("alpha beta", return_tensors="pt")["input_ids"]
+    expected = lm.generate(ids, max_new_tokens=5, do_sample=False)
+    assert result.output.strip() == tiny_tokenizer().decode(expected[0], skip_special_tokens=True).strip()

@@ -81,7 +81,8 @@ def merged_state_dict(model: torch.nn.Module, weights: list[tuple[str, float]], 
 
 
 def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], mode: str = "dense",
-          dtype: str = "float16", qcfg=None, overwrite: bool = False, progress: bool = True) -> MergeResult:  # fmt: skip
+          dtype: str = "float16", qcfg=None, overwrite: bool = False,
+          progress: bool = True) -> MergeResult:  # fmt: skip
     """Fold ``adapters`` (name, weight) of ``pack`` into a dense checkpoint or a re-quantized pack at ``out``."""
     from sparsepack.runtime.loader import load
 
