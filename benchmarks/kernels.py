@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -74,6 +75,10 @@ def _support(shape, density, seed=0) -> CSRSupport:
     return CSRSupport.from_mask(torch.rand(shape, generator=gen) < density)
 
 
+def _dense_sddmm(dy, x, rows, cols):
+    return (dy.t() @ x)[rows, cols]  # (out, in) temporary, then the gather
+
+
 def bench_sparse(tokens: int, densities, repeats: int) -> list[dict]:
     rows = []
     for shape in SHAPES:
@@ -83,19 +88,44 @@ def bench_sparse(tokens: int, densities, repeats: int) -> list[dict]:
             sup = _support(shape, d)
             vals = torch.randn(sup.nnz)
             S = torch.zeros(shape).index_put((sup.row_idx.long(), sup.col_idx.long()), vals)
-            rows_l, cols_l = sup.row_idx.long(), sup.col_idx.long()
-            ours, theirs = paired_times(lambda: sddmm(dy, x, sup.row_idx, sup.col_idx),
-                                        lambda: (dy.t() @ x)[rows_l, cols_l], repeats)
-            r = theirs["min_ms"] / ours["min_ms"]
-            rows.append(_row("sddmm", shape, d, ours, theirs, "dy.T @ x + gather", ">= 3x faster at 1%", r,
-                             r >= 3 if d == 0.01 else None, temp_bytes_ours=4 * tokens * (in_f + out_f),
-                             temp_bytes_baseline=4 * out_f * in_f))
             csr = (sup.row_ptr, sup.col_idx, shape)
-            ours, theirs = paired_times(lambda: spmm(x, vals, *csr), lambda: x @ S.t(), repeats)
+            ours, theirs = paired_times(
+                partial(sddmm, dy, x, sup.row_idx, sup.col_idx),
+                partial(_dense_sddmm, dy, x, sup.row_idx.long(), sup.col_idx.long()),
+                repeats,
+            )
             r = theirs["min_ms"] / ours["min_ms"]
-            rows.append(_row("spmm", shape, d, ours, theirs, "x @ S_dense.T", ">= 3x faster at 1%", r,
-                             r >= 3 if d == 0.01 else None))
-            ours, theirs = paired_times(lambda: spmm_t(dy, vals, *csr), lambda: dy @ S, repeats)
+            rows.append(
+                _row(
+                    "sddmm",
+                    shape,
+                    d,
+                    ours,
+                    theirs,
+                    "dy.T @ x + gather",
+                    ">= 3x faster at 1%",
+                    r,
+                    r >= 3 if d == 0.01 else None,
+                    temp_bytes_ours=4 * tokens * (in_f + out_f),
+                    temp_bytes_baseline=4 * out_f * in_f,
+                )
+            )
+            ours, theirs = paired_times(partial(spmm, x, vals, *csr), partial(torch.matmul, x, S.t()), repeats)
+            r = theirs["min_ms"] / ours["min_ms"]
+            rows.append(
+                _row(
+                    "spmm",
+                    shape,
+                    d,
+                    ours,
+                    theirs,
+                    "x @ S_dense.T",
+                    ">= 3x faster at 1%",
+                    r,
+                    r >= 3 if d == 0.01 else None,
+                )
+            )
+            ours, theirs = paired_times(partial(spmm_t, dy, vals, *csr), partial(torch.matmul, dy, S), repeats)
             r = theirs["min_ms"] / ours["min_ms"]
             rows.append(_row("spmm_t", shape, d, ours, theirs, "dy @ S_dense", "-", r, None))
     return rows
@@ -117,11 +147,24 @@ def bench_dequant(tokens: int, repeats: int) -> list[dict]:
         W = dequantize_reference(*args)  # (in, out) fp32, the baseline's pre-dequantized weight
         packed = sum(a.numel() * a.element_size() for a in (t.qweight, t.qzeros, t.scales, t.g_idx))
         x, dy = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
-        ours, theirs = paired_times(lambda: dequant_matmul(x, *args), lambda: x @ W, repeats)
+        ours, theirs = paired_times(partial(dequant_matmul, x, *args), partial(torch.matmul, x, W), repeats)
         r = ours["min_ms"] / theirs["min_ms"]
-        rows.append(_row("dequant_matmul w4g64", shape, None, ours, theirs, "x @ W (fp32, pre-dequantized)",
-                         "<= 1.3x time", r, r <= 1.3, weight_bytes_ours=packed, weight_bytes_baseline=W.numel() * 4))
-        ours, theirs = paired_times(lambda: dequant_matmul_t(dy, *args), lambda: dy @ W.t(), repeats)
+        rows.append(
+            _row(
+                "dequant_matmul w4g64",
+                shape,
+                None,
+                ours,
+                theirs,
+                "x @ W (fp32, pre-dequantized)",
+                "<= 1.3x time",
+                r,
+                r <= 1.3,
+                weight_bytes_ours=packed,
+                weight_bytes_baseline=W.numel() * 4,
+            )
+        )
+        ours, theirs = paired_times(partial(dequant_matmul_t, dy, *args), partial(torch.matmul, dy, W.t()), repeats)
         r = ours["min_ms"] / theirs["min_ms"]
         rows.append(_row("dequant_matmul_t w4g64", shape, None, ours, theirs, "dy @ W.T (fp32)", "-", r, None))
     return rows
@@ -140,8 +183,9 @@ class RoSALayer(nn.Module):
 
     def forward(self, x):
         s = self.support
-        return sparse_lowrank_linear(x, self.base, self.A, self.B, self.scaling, self.values, s.row_ptr, s.col_idx,
-                                     s.row_idx)
+        return sparse_lowrank_linear(
+            x, self.base, self.A, self.B, self.scaling, self.values, s.row_ptr, s.col_idx, s.row_idx
+        )
 
 
 def _peft_lora(linear: nn.Linear, r: int, alpha: float) -> nn.Module:
@@ -175,31 +219,58 @@ def bench_layer(tokens: int, repeats: int, r: int = 16, density: float = 0.006, 
         t = _gptq(shape)
         variants = {
             "layer RoSA (dense base)": RoSALayer(DenseBase(linear.weight), shape, r, density, alpha),
-            "layer RoSA (GPTQ w4g64 base)": RoSALayer(GPTQBase(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits),
-                                                      shape, r, density, alpha),
+            "layer RoSA (GPTQ w4g64 base)": RoSALayer(
+                GPTQBase(t.qweight, t.qzeros, t.scales, t.g_idx, t.bits), shape, r, density, alpha
+            ),
         }
         for name, layer in variants.items():
             ours, theirs = paired_times(_train_step(layer, x, gy), theirs_step, repeats)
             ratio = ours["min_ms"] / theirs["min_ms"]
             met = ratio <= 1.15 if "dense" in name else None
-            rows.append(_row(name, shape, density, ours, theirs, "PEFT LoRA r=16 (dense base)", "<= 1.15x time",
-                             ratio, met, rank=r))
+            rows.append(
+                _row(
+                    name,
+                    shape,
+                    density,
+                    ours,
+                    theirs,
+                    "PEFT LoRA r=16 (dense base)",
+                    "<= 1.15x time",
+                    ratio,
+                    met,
+                    rank=r,
+                )
+            )
         # the same dense-base layer with the sparse part forced through spmm/spmm_t (no folding), for reference
-        saved = base_weight._FOLD_MIN_WORK
-        base_weight._FOLD_MIN_WORK = float("inf")
+        saved = base_weight._FOLD_MIN_WORK, base_weight._FOLD_ALWAYS_ELEMENTS
+        base_weight._FOLD_MIN_WORK, base_weight._FOLD_ALWAYS_ELEMENTS = float("inf"), -1
         try:
             layer = variants["layer RoSA (dense base)"]
             ours, theirs = paired_times(_train_step(layer, x, gy), theirs_step, repeats)
         finally:
-            base_weight._FOLD_MIN_WORK = saved
-        rows.append(_row("layer RoSA (dense base, unfolded)", shape, density, ours, theirs,
-                         "PEFT LoRA r=16 (dense base)", "-", ours["min_ms"] / theirs["min_ms"], None, rank=r))
+            base_weight._FOLD_MIN_WORK, base_weight._FOLD_ALWAYS_ELEMENTS = saved
+        rows.append(
+            _row(
+                "layer RoSA (dense base, unfolded)",
+                shape,
+                density,
+                ours,
+                theirs,
+                "PEFT LoRA r=16 (dense base)",
+                "-",
+                ours["min_ms"] / theirs["min_ms"],
+                None,
+                rank=r,
+            )
+        )
     return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| op | out x in | density | ours ms (min / median) | baseline | baseline ms (min / median) | ratio | "
-            "goal | met |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| op | out x in | density | ours ms (min / median) | baseline | baseline ms (min / median) | ratio | "
+        "goal | met |\n|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         d = "-" if r["density"] is None else f"{100 * r['density']:.1f}%"
@@ -207,10 +278,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(
             f"| {r['op']} | {r['out_x_in']} | {d} | {r['ours']['min_ms']:.3f} / {r['ours']['median_ms']:.3f} | "
             f"{r['baseline_name']} | {r['baseline']['min_ms']:.3f} / {r['baseline']['median_ms']:.3f} | "
-            f"{r['ratio']:.2f} | {r['goal']} | {met} |")
+            f"{r['ratio']:.2f} | {r['goal']} | {met} |"
+        )
     lines.append("")
     lines.append("ratio: baseline / ours for sddmm, spmm, spmm_t (speed-up); ours / baseline otherwise (slow-down).")
     lines.append(f"Triton kernels: {meta['triton']}.")
+    lines.append(
+        f"{meta['tokens']} tokens, fp32, {meta['repeats']} alternating repeats; torch threads {meta['torch_threads']}, "
+        f"numba threads {meta['numba_threads']}; load average {meta['loadavg_start'][0]:.2f} -> "
+        f"{meta['loadavg_end'][0]:.2f}; {meta['time']}."
+    )
     return "\n".join(lines)
 
 

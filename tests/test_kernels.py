@@ -67,8 +67,9 @@ def gptq_tensors(K: int, N: int, bits: int, group: int, act_order: bool, seed: i
     return GPTQTensors.from_int(q, zeros, scales, g_idx, bits, bias=torch.randn(N, generator=gen))
 
 
-def support(out_f: int, in_f: int, density: float, seed: int = 0, full_row: int | None = None,
-            empty_rows: tuple[int, ...] = ()) -> CSRSupport:
+def support(
+    out_f: int, in_f: int, density: float, seed: int = 0, full_row: int | None = None, empty_rows: tuple[int, ...] = ()
+) -> CSRSupport:
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand(out_f, in_f, generator=gen) < density
     if full_row is not None:
@@ -91,8 +92,8 @@ def test_dequant_matmul_cpu_matches_reference(bits, act_order, monkeypatch):
     monkeypatch.setattr(_cpu_dequant, "_CHUNK_ELEMENTS", 64 * 96)  # several chunks of 64 rows
     t = gptq_tensors(192, 96, bits, 64, act_order)
     args = (t.qweight, t.qzeros, t.scales, t.g_idx, bits)
-    x = torch.randn(3, 5, 192)
-    assert_close(dequant_matmul(x, *args, backend="cpu"), dequant_matmul_reference(x, *args), torch.float32)
+    for x in (torch.randn(3, 5, 192), torch.randn(3, 192)):  # chunked GEMM path, fused decode path
+        assert_close(dequant_matmul(x, *args, backend="cpu"), dequant_matmul_reference(x, *args), torch.float32)
     dy = torch.randn(3, 5, 96)
     assert_close(dequant_matmul_t(dy, *args, backend="cpu"), dequant_matmul_t_reference(dy, *args), torch.float32)
 
@@ -114,14 +115,27 @@ def test_dequant_matmul_cpu_dtypes_and_layouts():
         dequant_matmul(torch.randn(2, 64), *args)
 
 
+def test_dequant_matmul_dispatchers_are_differentiable():
+    t = gptq_tensors(64, 32, 3, 32, act_order=True)
+    args = (t.qweight, t.qzeros, t.scales, t.g_idx, 3)
+    x = torch.randn(2, 3, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: dequant_matmul(x, *args, backend="cpu"), (x,), fast_mode=True)
+    dy = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda dy: dequant_matmul_t(dy, *args, backend="cpu"), (dy,), fast_mode=True)
+    one = torch.randn(1, 64, dtype=torch.float64, requires_grad=True)  # the fused decode kernel
+    assert torch.autograd.gradcheck(lambda x: dequant_matmul(x, *args, backend="cpu"), (one,), fast_mode=True)
+
+
 def test_quantized_linear_goes_through_the_fast_path():
     from sparsepack.layers.quantized_linear import QuantizedLinear
 
     t = gptq_tensors(128, 64, 4, 64, act_order=False)
     layer = QuantizedLinear.from_tensors(t, 64)
-    x = torch.randn(2, 3, 128)
-    ref = x @ layer.dequantized_weight().t() + t.bias.float()
-    assert_close(layer(x), ref, torch.float32)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    y = layer(x)
+    assert_close(y, x @ layer.dequantized_weight().t() + t.bias.float(), torch.float32)
+    (gx,) = torch.autograd.grad(y.sum(), x)  # gradients pass through the frozen quantized layer
+    assert_close(gx, torch.ones(2, 3, 64) @ layer.dequantized_weight(), torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +164,17 @@ def test_sparse_ops_cpu_match_reference(case, tokens):
     assert_close(got, sddmm_reference(dy, x, sup.row_idx, sup.col_idx), torch.float32)
 
 
+def test_sparse_dispatchers_are_differentiable():
+    sup = support(24, 32, 0.1, full_row=2, empty_rows=(0,))
+    csr = (sup.row_ptr, sup.col_idx, sup.shape)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, dy, vals = torch.randn(5, 32, **f64), torch.randn(5, 24, **f64), torch.randn(sup.nnz, **f64)
+    check = lambda fn, *inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)  # noqa: E731
+    assert check(lambda x, v: spmm(x, v, *csr, backend="cpu"), x, vals)
+    assert check(lambda dy, v: spmm_t(dy, v, *csr, backend="cpu"), dy, vals)
+    assert check(lambda dy, x: sddmm(dy, x, sup.row_idx, sup.col_idx, backend="cpu"), dy, x)
+
+
 def test_sparse_references_equal_dense_products():
     sup = support(48, 40, 0.2, full_row=3, empty_rows=(7,))
     vals = torch.randn(sup.nnz, dtype=torch.float64)
@@ -171,14 +196,17 @@ def test_sparse_ops_cpu_layouts_and_dtypes():
     dy = torch.randn(64, 22).t().reshape(2, 11, 64)
     assert_close(spmm(x, vals, *csr), spmm_reference(x, vals, *csr), torch.float32)
     assert_close(spmm_t(dy, vals, *csr), spmm_t_reference(dy, vals, *csr), torch.float32)
-    assert_close(sddmm(dy, x, sup.row_idx, sup.col_idx), sddmm_reference(dy, x, sup.row_idx, sup.col_idx),
-                 torch.float32)
+    assert_close(
+        sddmm(dy, x, sup.row_idx, sup.col_idx), sddmm_reference(dy, x, sup.row_idx, sup.col_idx), torch.float32
+    )
     xb, dyb = x.bfloat16(), dy.bfloat16()
     for fast, ref in (
         (spmm(xb, vals, *csr), spmm_reference(xb.float(), vals, *csr).bfloat16()),
         (spmm_t(dyb, vals, *csr), spmm_t_reference(dyb.float(), vals, *csr).bfloat16()),
-        (sddmm(dyb, xb, sup.row_idx, sup.col_idx), sddmm_reference(dyb.float(), xb.float(), sup.row_idx,
-                                                                     sup.col_idx).bfloat16()),
+        (
+            sddmm(dyb, xb, sup.row_idx, sup.col_idx),
+            sddmm_reference(dyb.float(), xb.float(), sup.row_idx, sup.col_idx).bfloat16(),
+        ),
     ):
         assert_close(fast, ref, torch.bfloat16)
 
@@ -187,6 +215,12 @@ def test_csr_support_checks():
     sup = CSRSupport.from_coo(torch.tensor([2, 0, 2]), torch.tensor([1, 3, 0]), (3, 4))
     assert sup.row_ptr.tolist() == [0, 1, 1, 3] and sup.col_idx.tolist() == [3, 0, 1]
     sup.validate()
+    st, perm = sup.transpose  # S^T's support and the order of its entries in S
+    st.validate()
+    vals = torch.arange(1.0, 4.0)
+    S = torch.zeros(3, 4).index_put((sup.row_idx.long(), sup.col_idx.long()), vals)
+    ST = torch.zeros(4, 3).index_put((st.row_idx.long(), st.col_idx.long()), vals[perm])
+    assert torch.equal(ST, S.t())
     bad = CSRSupport(sup.row_ptr, torch.tensor([3, 0, 9], dtype=torch.int32), sup.row_idx, sup.shape)
     with pytest.raises(ValueError, match="out of range"):
         bad.validate()
@@ -219,8 +253,9 @@ def test_backend_resolution(monkeypatch):
 def _layer(base_kind: str, dtype=torch.float64, out_f=48, in_f=64, r=4, density=0.1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     if base_kind == "dense":
-        base = DenseBase(torch.randn(out_f, in_f, generator=gen, dtype=dtype),
-                         torch.randn(out_f, generator=gen, dtype=dtype))
+        base = DenseBase(
+            torch.randn(out_f, in_f, generator=gen, dtype=dtype), torch.randn(out_f, generator=gen, dtype=dtype)
+        )
     else:
         t = gptq_tensors(in_f, out_f, 4, 32, act_order=True, seed=seed)
         base = GPTQBase(t.qweight, t.qzeros, t.scales, t.g_idx, 4, t.bias)
@@ -245,12 +280,18 @@ def test_reference_autograd_gradcheck(base_kind):
     assert torch.autograd.gradcheck(f, (x, A, B, vals))
 
 
+def force_fold(monkeypatch, fold: bool) -> None:
+    """Route every sparse part through the base's weight (fold) or through spmm/spmm_t (no fold)."""
+    monkeypatch.setattr(base_weight, "_FOLD_MIN_WORK", 0.0 if fold else float("inf"))
+    monkeypatch.setattr(base_weight, "_FOLD_ALWAYS_ELEMENTS", -1)
+    monkeypatch.setattr(GPTQBase, "can_fold", lambda self, *a: fold)
+
+
 @pytest.mark.parametrize("base_kind", ["dense", "gptq"])
 @pytest.mark.parametrize("fold", [False, True])
 def test_fast_autograd_gradcheck(base_kind, fold, monkeypatch):
-    # float64 runs the same numba kernels and custom backward as fp32; fold=False forces the spmm path.
-    monkeypatch.setattr(base_weight, "_FOLD_MIN_WORK", 0.0 if fold else float("inf"))
-    monkeypatch.setattr(GPTQBase, "can_fold", lambda self, *a: fold)
+    # float64 runs the same numba kernels and custom backward as fp32
+    force_fold(monkeypatch, fold)
     base, A, B, vals, sup = _layer(base_kind, **GRADCHECK_SHAPE)
     x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
 
@@ -266,8 +307,10 @@ def _grads(fn, x, params, gy):
 
 
 @pytest.mark.parametrize("base_kind", ["dense", "gptq"])
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("tokens", [1, 200])
-def test_fast_autograd_matches_reference_and_dense_equivalent(base_kind, tokens):
+def test_fast_autograd_matches_reference_and_dense_equivalent(base_kind, fold, tokens, monkeypatch):
+    force_fold(monkeypatch, fold)
     base, A, B, vals, sup = _layer(base_kind, dtype=torch.float32, out_f=64, in_f=96, r=8, density=0.03)
     if base_kind == "dense":
         base = DenseBase(base.weight.float(), base.bias.float())
@@ -283,7 +326,7 @@ def test_fast_autograd_matches_reference_and_dense_equivalent(base_kind, tokens)
         return x @ W.t() + base.bias.float() + 2.0 * (x @ A.t()) @ B.t()
 
     dense = _grads(densified, x, (A, B, vals), gy)
-    for f, r, d in zip(fast, ref, dense):
+    for f, r, d in zip(fast, ref, dense, strict=True):
         assert_close(f, r, torch.float32)
         assert_close(f, d, torch.float32)
 
@@ -296,12 +339,14 @@ def test_autograd_without_adapter_parts_and_without_input_grad():
     (gx,) = torch.autograd.grad(y.sum(), x)
     assert_close(gx, torch.ones(4, 48) @ base.dense(torch.float32), torch.float32)
     x0 = torch.randn(4, 64)  # first layer: no dx, only adapter grads
-    y = sparse_lowrank_linear(x0, base, A.float().detach().requires_grad_(), B.float(), 1.0, vals.float(),
-                              sup.row_ptr, sup.col_idx)
+    y = sparse_lowrank_linear(
+        x0, base, A.float().detach().requires_grad_(), B.float(), 1.0, vals.float(), sup.row_ptr, sup.col_idx
+    )
     y.sum().backward()
     with torch.no_grad():
-        assert sparse_lowrank_linear(x0, base, A.float(), B.float(), 1.0, vals.float(), sup.row_ptr,
-                                     sup.col_idx).shape == (4, 48)
+        assert sparse_lowrank_linear(
+            x0, base, A.float(), B.float(), 1.0, vals.float(), sup.row_ptr, sup.col_idx
+        ).shape == (4, 48)
 
 
 def test_multi_adapter_equals_sum_of_parts():
@@ -314,7 +359,7 @@ def test_multi_adapter_equals_sum_of_parts():
     gy = torch.randn(30, 48)
     fast = _grads(lambda: sparse_lowrank_linear_multi(x, base, lowrank, sparse), x, params, gy)
     ref = _grads(lambda: sparse_lowrank_linear_multi_reference(x, base, lowrank, sparse), x, params, gy)
-    for f, r in zip(fast, ref):
+    for f, r in zip(fast, ref, strict=True):
         assert_close(f, r, torch.float32)
 
 
@@ -322,8 +367,15 @@ def test_autograd_bf16_activations():
     base, A, B, vals, sup = _layer("dense", dtype=torch.float32)
     base = DenseBase(base.weight.bfloat16(), base.bias.bfloat16())
     x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
-    args = (base, A.float().detach().requires_grad_(), B.float().detach().requires_grad_(), 0.5,
-            vals.float().detach().requires_grad_(), sup.row_ptr, sup.col_idx)
+    args = (
+        base,
+        A.float().detach().requires_grad_(),
+        B.float().detach().requires_grad_(),
+        0.5,
+        vals.float().detach().requires_grad_(),
+        sup.row_ptr,
+        sup.col_idx,
+    )
     y = sparse_lowrank_linear(x, *args)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -346,8 +398,10 @@ def test_autograd_rejects_mismatched_parts():
 
 def _micro_batches(n=3, tokens=40, out_f=48, in_f=72, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(2, tokens // 2, out_f, generator=gen), torch.randn(2, tokens // 2, in_f, generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(2, tokens // 2, out_f, generator=gen), torch.randn(2, tokens // 2, in_f, generator=gen))
+        for _ in range(n)
+    ]
 
 
 def test_fisher_cpu_matches_reference_and_definition(monkeypatch):
@@ -357,8 +411,9 @@ def test_fisher_cpu_matches_reference_and_definition(monkeypatch):
     for dy, x in batches:
         fisher_accumulate(fast, dy, x, backend="cpu")
         fisher_accumulate_reference(ref, dy, x)
-    exact = torch.stack([(dy.reshape(-1, 48).t().double() @ x.reshape(-1, 72).double()) ** 2
-                         for dy, x in batches]).mean(0)
+    exact = torch.stack(
+        [(dy.reshape(-1, 48).t().double() @ x.reshape(-1, 72).double()) ** 2 for dy, x in batches]
+    ).mean(0)
     assert fast.count == ref.count == 3
     assert_close(fast.mean, ref.mean, torch.float32)
     assert_close(fast.mean.double(), exact, torch.float32)
@@ -366,8 +421,9 @@ def test_fisher_cpu_matches_reference_and_definition(monkeypatch):
 
 def test_fisher_bf16_accumulation():
     batches = _micro_batches(n=8)
-    exact = torch.stack([(dy.reshape(-1, 48).t().double() @ x.reshape(-1, 72).double()) ** 2
-                         for dy, x in batches]).mean(0)
+    exact = torch.stack(
+        [(dy.reshape(-1, 48).t().double() @ x.reshape(-1, 72).double()) ** 2 for dy, x in batches]
+    ).mean(0)
     nearest = FisherState.zeros(48, 72, torch.bfloat16, stochastic_rounding=False)
     stochastic = FisherState.zeros(48, 72, torch.bfloat16)
     stochastic.generator = torch.Generator().manual_seed(0)

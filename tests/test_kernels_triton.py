@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -37,6 +38,16 @@ from sparsepack.kernels import (  # noqa: E402
 from tests.test_kernels import assert_close, gptq_tensors, single_thread_torch, support  # noqa: E402,F401
 
 pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_interpret_flag():
+    """Our kernels were decorated in interpreter mode at import; give later test modules the original flag."""
+    yield
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
 
 @pytest.mark.parametrize(("bits", "act_order"), [(2, False), (3, True), (4, True), (4, False), (8, False)])
@@ -86,8 +97,9 @@ def test_triton_sparse_ops_bf16():
     vals = torch.randn(sup.nnz)
     csr = (sup.row_ptr, sup.col_idx, sup.shape)
     x, dy = torch.randn(33, 64, dtype=torch.bfloat16), torch.randn(33, 64, dtype=torch.bfloat16)
-    assert_close(spmm(x, vals, *csr, backend="triton"), spmm_reference(x.float(), vals, *csr).bfloat16(),
-                 torch.bfloat16)
+    assert_close(
+        spmm(x, vals, *csr, backend="triton"), spmm_reference(x.float(), vals, *csr).bfloat16(), torch.bfloat16
+    )
     got = sddmm(dy, x, sup.row_idx, sup.col_idx, backend="triton")
     assert_close(got, sddmm_reference(dy.float(), x.float(), sup.row_idx, sup.col_idx).bfloat16(), torch.bfloat16)
 
@@ -125,5 +137,5 @@ def test_triton_autograd_layer():
     for fn, kw in ((sparse_lowrank_linear, dict(backend="triton")), (sparse_lowrank_linear_reference, {})):
         y = fn(x, base, A, B, 0.5, vals, *csr, **kw)
         results.append((y, *torch.autograd.grad(y, (x, A, B, vals), gy)))
-    for fast, ref in zip(*results):
+    for fast, ref in zip(*results, strict=True):
         assert_close(fast, ref, torch.float32)

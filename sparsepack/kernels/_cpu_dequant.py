@@ -8,6 +8,9 @@ act-order layouts take the same path.
 
 The same pass can add a sparse matrix into the chunk (``fold``): ``W[k, n] += S[n, k]``, which is how the
 autograd layer gets ``x @ (W + S^T)`` for the price of the dequantization it does anyway.
+
+Decoding (at most ``_GEMV_MAX_TOKENS`` tokens) is memory-bound instead: there a fused kernel reads the packed
+words once and never writes a dense row to memory.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from sparsepack.kernels._cpu_sparse import _JIT, coo_to_csc
 
 _CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per chunk: whole SmolLM2/7B-attention layers in one or a few chunks
+_GEMV_MAX_TOKENS = 4  # up to this many tokens the fused kernel beats dequantize-then-GEMM
+_GEMV_COLS = 256  # output columns per fused-kernel task
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -50,6 +55,42 @@ def _dequant_kernel(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows
                 orow[n] = srow[n] * (ftype(q) - zrow[n])
         for e in range(fold_ptr[k], fold_ptr[k + 1]):
             orow[fold_rows[e]] += fold_vals[e]
+
+
+@numba.njit(parallel=True, **_JIT)
+def _gemv_kernel(x, qweight, zeros, scales, g_idx, bits, out):  # pragma: no cover - compiled
+    # out (T, N) = x (T, K) @ W, W rebuilt one input row at a time in a register-sized block of columns.
+    T, K = x.shape
+    n_cols = out.shape[1]
+    mask = np.int32((1 << bits) - 1)
+    ftype = out.dtype.type
+    for b in numba.prange((n_cols + _GEMV_COLS - 1) // _GEMV_COLS):
+        n0 = b * _GEMV_COLS
+        n1 = min(n_cols, n0 + _GEMV_COLS)
+        acc = np.zeros((T, n1 - n0), dtype=out.dtype)
+        wrow = np.empty(n1 - n0, dtype=out.dtype)
+        for k in range(K):
+            bit = k * bits
+            off = bit & 31
+            g = g_idx[k]
+            lo = qweight[bit >> 5, n0:n1]
+            zrow = zeros[g, n0:n1]
+            srow = scales[g, n0:n1]
+            if off + bits <= 32:
+                for n in range(n1 - n0):
+                    wrow[n] = srow[n] * (ftype((lo[n] >> off) & mask) - zrow[n])
+            else:
+                hi = qweight[(bit >> 5) + 1, n0:n1]
+                low_bits = 32 - off
+                for n in range(n1 - n0):
+                    q = ((lo[n] >> off) & ((1 << low_bits) - 1)) | ((hi[n] << low_bits) & mask)
+                    wrow[n] = srow[n] * (ftype(q) - zrow[n])
+            for t in range(T):
+                xv = x[t, k]
+                arow = acc[t]
+                for n in range(n1 - n0):
+                    arow[n] += xv * wrow[n]
+        out[:, n0:n1] = acc
 
 
 @numba.njit(**_JIT)
@@ -124,6 +165,10 @@ def dequant_matmul(
     scales_f = scales.to(wdt).contiguous()
     qw = qweight.contiguous().numpy()
     g = g_idx.to(torch.int32).contiguous().numpy()
+    if not transpose and fold is None and a.shape[0] <= _GEMV_MAX_TOKENS:
+        out = torch.empty(a.shape[0], N, dtype=wdt)
+        _gemv_kernel(a.to(wdt).contiguous().numpy(), qw, zeros_f.numpy(), scales_f.numpy(), g, bits, out.numpy())
+        return out.to(a.dtype)
     folded = Fold(*fold, K, wdt) if fold is not None else Fold.empty(K, wdt)
     rows = _chunk_rows(K, N)
     buf = torch.empty(min(rows, K), N, dtype=wdt)  # (rows, N) reused across chunks

@@ -115,8 +115,9 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
     dt = _compute_dtype(x, values)
     y = torch.empty(x.shape[0], n_out, dtype=dt)
     if x.shape[0] and n_out:
-        _spmm_kernel(_transposed(x, dt), values.detach().to(dt).contiguous().numpy(), _int32(row_ptr),
-                     _int32(col_idx), y.numpy())
+        _spmm_kernel(
+            _transposed(x, dt), values.detach().to(dt).contiguous().numpy(), _int32(row_ptr), _int32(col_idx), y.numpy()
+        )
     return y.to(x.dtype)
 
 
@@ -134,6 +135,5 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
     out = torch.zeros(row_idx.shape[0], dtype=dt)
     if out.numel() and dy.shape[0]:
         n_chunks = min(out.numel(), 8 * numba.get_num_threads())  # a few chunks per thread for balance
-        _sddmm_kernel(_transposed(dy, dt), _transposed(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(),
-                      n_chunks)
+        _sddmm_kernel(_transposed(dy, dt), _transposed(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(), n_chunks)
     return out.to(dy.dtype)

@@ -38,14 +38,16 @@ def _extract(lo_ptrs, step, off, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc,
-                 BITS: tl.constexpr):
+def _weight_tile(
+    qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS: tl.constexpr
+):
     # fp32 W[offs_k, offs_n] = scales[g, n] * (q[k, n] - (qzeros[g, n] + 1)), g = g_idx[k]; shape (BK, BN)
     mask_k = offs_k < K
     mask = mask_k[:, None] & (offs_n < N)[None, :]
     kbit = offs_k * BITS
-    q = _extract(qw_ptr + (kbit // 32)[:, None] * stride_qw + offs_n[None, :], stride_qw, (kbit % 32)[:, None],
-                 mask, BITS)
+    q = _extract(
+        qw_ptr + (kbit // 32)[:, None] * stride_qw + offs_n[None, :], stride_qw, (kbit % 32)[:, None], mask, BITS
+    )
     g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
     nbit = offs_n * BITS
     z = _extract(qz_ptr + g[:, None] * stride_qz + (nbit // 32)[None, :], 1, (nbit % 32)[None, :], mask, BITS)
@@ -62,10 +64,27 @@ def _dot(a, w, acc, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, out_ptr, M, K, N,
-    stride_am, stride_ak, stride_qw, stride_qz, stride_sc, stride_om, stride_on,
-    BITS: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    qw_ptr,
+    qz_ptr,
+    sc_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    K,
+    N,
+    stride_am,
+    stride_ak,
+    stride_qw,
+    stride_qz,
+    stride_sc,
+    stride_om,
+    stride_on,
+    BITS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # out (M, N) = a (M, K) @ W (K, N)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,22 +92,44 @@ def _matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)  # (BM, BK)
-        w = _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc,
-                         BITS)  # (BK, BN)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=(offs_m < M)[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )  # (BM, BK)
+        w = _weight_tile(
+            qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS
+        )  # (BK, BN)
         acc = _dot(a, w, acc, DOT_F32)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
 def _matmul_t_kernel(
-    a_ptr, qw_ptr, qz_ptr, sc_ptr, g_ptr, out_ptr, M, K, N,
-    stride_am, stride_an, stride_qw, stride_qz, stride_sc, stride_om, stride_ok,
-    BITS: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    qw_ptr,
+    qz_ptr,
+    sc_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    K,
+    N,
+    stride_am,
+    stride_an,
+    stride_qw,
+    stride_qz,
+    stride_sc,
+    stride_om,
+    stride_ok,
+    BITS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # out (M, K) = a (M, N) @ W^T (N, K)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,14 +137,19 @@ def _matmul_t_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
-                    mask=(offs_m < M)[:, None] & (offs_n < N)[None, :], other=0.0)  # (BM, BN)
-        w = _weight_tile(qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc,
-                         BITS)  # (BK, BN)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an,
+            mask=(offs_m < M)[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )  # (BM, BN)
+        w = _weight_tile(
+            qw_ptr, qz_ptr, sc_ptr, g_ptr, offs_k, offs_n, K, N, stride_qw, stride_qz, stride_sc, BITS
+        )  # (BK, BN)
         acc = _dot(a, tl.trans(w), acc, DOT_F32)
     mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok, acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def dequant_matmul(
@@ -124,12 +170,30 @@ def dequant_matmul(
         return out
     qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
     g_idx = g_idx.to(torch.int32).contiguous()
-    dot_f32 = a.dtype == torch.float32 or _backend.interpreting()
+    dot_f32 = a.dtype not in (torch.float16, torch.bfloat16) or _backend.interpreting()  # fp64: via fp32
     kernel = _matmul_t_kernel if transpose else _matmul_kernel
     grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(n_out, _BLOCK_K if transpose else _BLOCK_N))
     kernel[grid](
-        a, qweight, qzeros, scales, g_idx, out, M, K, N,
-        a.stride(0), a.stride(1), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0), out.stride(1),
-        BITS=bits, DOT_F32=dot_f32, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        a,
+        qweight,
+        qzeros,
+        scales,
+        g_idx,
+        out,
+        M,
+        K,
+        N,
+        a.stride(0),
+        a.stride(1),
+        qweight.stride(0),
+        qzeros.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        out.stride(1),
+        BITS=bits,
+        DOT_F32=dot_f32,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        BLOCK_K=_BLOCK_K,
     )
     return out

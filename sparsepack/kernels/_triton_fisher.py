@@ -18,9 +18,24 @@ _BLOCK_O, _BLOCK_I, _BLOCK_T = 32, 32, 32
 
 @triton.jit
 def _fisher_kernel(
-    dy_ptr, x_ptr, m_ptr, T, n_out, n_in, inv_n, seed,
-    stride_dt, stride_do, stride_xt, stride_xi, stride_mo, stride_mi,
-    STOCHASTIC: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    m_ptr,
+    T,
+    n_out,
+    n_in,
+    inv_n,
+    seed,
+    stride_dt,
+    stride_do,
+    stride_xt,
+    stride_xi,
+    stride_mo,
+    stride_mi,
+    STOCHASTIC: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -28,10 +43,16 @@ def _fisher_kernel(
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
-        a = tl.load(dy_ptr + offs_t[None, :] * stride_dt + offs_o[:, None] * stride_do,
-                    mask=mask_t[None, :] & (offs_o < n_out)[:, None], other=0.0).to(tl.float32)  # (BO, BT)
-        b = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_i[None, :] * stride_xi,
-                    mask=mask_t[:, None] & (offs_i < n_in)[None, :], other=0.0).to(tl.float32)  # (BT, BI)
+        a = tl.load(
+            dy_ptr + offs_t[None, :] * stride_dt + offs_o[:, None] * stride_do,
+            mask=mask_t[None, :] & (offs_o < n_out)[:, None],
+            other=0.0,
+        ).to(tl.float32)  # (BO, BT)
+        b = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_i[None, :] * stride_xi,
+            mask=mask_t[:, None] & (offs_i < n_in)[None, :],
+            other=0.0,
+        ).to(tl.float32)  # (BT, BI)
         acc = tl.dot(a, b, acc, input_precision="ieee")
     mask = (offs_o < n_out)[:, None] & (offs_i < n_in)[None, :]
     ptrs = m_ptr + offs_o[:, None] * stride_mo + offs_i[None, :] * stride_mi
@@ -53,7 +74,22 @@ def fisher_update(state, dy: torch.Tensor, x: torch.Tensor) -> None:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device if gen else "cpu"))
     grid = (triton.cdiv(n_out, _BLOCK_O), triton.cdiv(n_in, _BLOCK_I))
     _fisher_kernel[grid](
-        dy, x, state.mean, dy.shape[0], n_out, n_in, 1.0 / (state.count + 1), seed,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), state.mean.stride(0), state.mean.stride(1),
-        STOCHASTIC=state.rounds_stochastically, BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, BLOCK_T=_BLOCK_T,
+        dy,
+        x,
+        state.mean,
+        dy.shape[0],
+        n_out,
+        n_in,
+        1.0 / (state.count + 1),
+        seed,
+        dy.stride(0),
+        dy.stride(1),
+        x.stride(0),
+        x.stride(1),
+        state.mean.stride(0),
+        state.mean.stride(1),
+        STOCHASTIC=state.rounds_stochastically,
+        BLOCK_O=_BLOCK_O,
+        BLOCK_I=_BLOCK_I,
+        BLOCK_T=_BLOCK_T,
     )

@@ -26,9 +26,18 @@ _BLOCK_NZ = 32  # stored entries per step
 
 @triton.jit
 def _spmm_kernel(
-    x_ptr, val_ptr, row_ptr, col_ptr, y_ptr, T,
-    stride_xt, stride_xc, stride_yt, stride_yc,
-    BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr,
+    x_ptr,
+    val_ptr,
+    row_ptr,
+    col_ptr,
+    y_ptr,
+    T,
+    stride_xt,
+    stride_xc,
+    stride_yt,
+    stride_yc,
+    BLOCK_T: tl.constexpr,
+    BLOCK_NZ: tl.constexpr,
 ):
     # y[t, r] = sum_{j in row r} val[j] * x[t, col[j]];  x (T, in), y (T, out)
     r = tl.program_id(0)
@@ -53,9 +62,19 @@ def _spmm_kernel(
 
 @triton.jit
 def _sddmm_kernel(
-    dy_ptr, x_ptr, row_ptr, col_ptr, out_ptr, T, nnz,
-    stride_dt, stride_dc, stride_xt, stride_xc,
-    BLOCK_T: tl.constexpr, BLOCK_NZ: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    row_ptr,
+    col_ptr,
+    out_ptr,
+    T,
+    nnz,
+    stride_dt,
+    stride_dc,
+    stride_xt,
+    stride_xc,
+    BLOCK_T: tl.constexpr,
+    BLOCK_NZ: tl.constexpr,
 ):
     # out[i] = sum_t dy[t, row[i]] * x[t, col[i]] for the BLOCK_NZ entries of this program
     offs_j = tl.program_id(0) * BLOCK_NZ + tl.arange(0, BLOCK_NZ)
@@ -80,8 +99,18 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
         return y
     grid = (n_out, triton.cdiv(T, _BLOCK_T))
     _spmm_kernel[grid](
-        x, values.detach().contiguous(), row_ptr.to(torch.int32).contiguous(), col_idx.to(torch.int32).contiguous(),
-        y, T, x.stride(0), x.stride(1), y.stride(0), y.stride(1), BLOCK_T=_BLOCK_T, BLOCK_NZ=_BLOCK_NZ,
+        x,
+        values.detach().contiguous(),
+        row_ptr.to(torch.int32).contiguous(),
+        col_idx.to(torch.int32).contiguous(),
+        y,
+        T,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        BLOCK_T=_BLOCK_T,
+        BLOCK_NZ=_BLOCK_NZ,
     )
     return y
 
@@ -104,7 +133,18 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
         return out
     grid = (triton.cdiv(nnz, _BLOCK_NZ),)
     _sddmm_kernel[grid](
-        dy, x, row_idx.to(torch.int32).contiguous(), col_idx.to(torch.int32).contiguous(), out, dy.shape[0], nnz,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), BLOCK_T=_BLOCK_T, BLOCK_NZ=_BLOCK_NZ,
+        dy,
+        x,
+        row_idx.to(torch.int32).contiguous(),
+        col_idx.to(torch.int32).contiguous(),
+        out,
+        dy.shape[0],
+        nnz,
+        dy.stride(0),
+        dy.stride(1),
+        x.stride(0),
+        x.stride(1),
+        BLOCK_T=_BLOCK_T,
+        BLOCK_NZ=_BLOCK_NZ,
     )
     return out

@@ -23,10 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from sparsepack.kernels import _backend
 from sparsepack.kernels.base_weight import BaseWeight
-from sparsepack.kernels.sparse import CSRSupport, csr_row_indices, sddmm, spmm, spmm_reference, spmm_t
+from sparsepack.kernels.sparse import CSRSupport, csr_row_indices, sddmm, spmm, spmm_reference
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,12 +71,12 @@ def _forward(plan: _Plan, x2: torch.Tensor, As, Bs, values):
     """Returns ``(y [T, out], us)`` with ``us[k] = x A_k^T [T, r_k]`` kept for backward."""
     y = plan.base.matmul(x2, plan.backend, _fold(plan, values))
     us = []
-    for A, B, s in zip(As, Bs, plan.scalings):
+    for A, B, s in zip(As, Bs, plan.scalings, strict=True):
         u = x2 @ A.to(x2.dtype).t()  # (T, r)
         y.addmm_(u, B.to(x2.dtype).t(), alpha=s)
         us.append(u)
     if not plan.folded:
-        for v, sup in zip(values, plan.supports):
+        for v, sup in zip(values, plan.supports, strict=True):
             y += spmm(x2, v.detach(), sup.row_ptr, sup.col_idx, sup.shape, backend=plan.backend)
     return y, us
 
@@ -90,6 +91,7 @@ class _SparseLowRankFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         plan, n = ctx.plan, ctx.n_lowrank
         x2, *rest = ctx.saved_tensors
@@ -100,7 +102,7 @@ class _SparseLowRankFunction(torch.autograd.Function):
         dy = dy.to(x2.dtype)
         dx = plan.base.matmul_t(dy, plan.backend, _fold(plan, values)) if need_x else None
         dAs, dBs = [None] * n, [None] * n
-        for k, (A, B, u, s) in enumerate(zip(As, Bs, us, plan.scalings)):
+        for k, (A, B, u, s) in enumerate(zip(As, Bs, us, plan.scalings, strict=True)):
             g = (dy @ B.to(dy.dtype)).mul_(s)  # (T, r): s * dy B, scaled while it is small
             if need[k]:
                 dAs[k] = (g.t() @ x2).to(A.dtype)  # (r, in)
@@ -109,11 +111,12 @@ class _SparseLowRankFunction(torch.autograd.Function):
             if need_x:
                 dx.addmm_(g, A.to(dy.dtype))
         dvals = []
-        for j, (v, sup) in enumerate(zip(values, plan.supports)):
+        for j, (v, sup) in enumerate(zip(values, plan.supports, strict=True)):
             grad = sddmm(dy, x2, sup.row_idx, sup.col_idx, backend=plan.backend) if need[2 * n + j] else None
             dvals.append(None if grad is None else grad.to(v.dtype))
-            if need_x and not plan.folded:
-                dx += spmm_t(dy, v, sup.row_ptr, sup.col_idx, sup.shape, backend=plan.backend)
+            if need_x and not plan.folded:  # dy @ S as spmm with the (cached) transposed support
+                st, perm = sup.transpose
+                dx += spmm(dy, v.detach()[perm], st.row_ptr, st.col_idx, st.shape, backend=plan.backend)
         return (None, None, dx, *dAs, *dBs, *dvals)
 
 
@@ -157,8 +160,9 @@ def sparse_lowrank_linear_multi(
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
         y = _SparseLowRankFunction.apply(plan, len(lowrank), x2, *params)
     else:
-        y = _forward(plan, x2, params[: len(lowrank)], params[len(lowrank) : 2 * len(lowrank)],
-                     params[2 * len(lowrank) :])[0]
+        y = _forward(
+            plan, x2, params[: len(lowrank)], params[len(lowrank) : 2 * len(lowrank)], params[2 * len(lowrank) :]
+        )[0]
     return y.reshape(*x.shape[:-1], out_f)
 
 

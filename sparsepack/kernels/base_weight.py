@@ -5,7 +5,8 @@ gradient ``dy @ W`` and, for the reference, the dense ``W``. Both bases can also
 weight they materialize anyway: ``x @ (W + S)^T`` then costs one GEMM instead of a GEMM plus a sparse product
 over every token. The GPTQ base on CPU folds inside its chunked dequantization (free); the dense base folds into
 a transient copy of ``W`` (one memory pass over the weight), which pays off once
-``tokens * nnz >= _FOLD_MIN_WORK * out * in`` (measured in ``benchmarks/kernels.py``). Folding is only done in
+``tokens * nnz >= _FOLD_MIN_WORK * out * in``, or always for weights under ``_FOLD_ALWAYS_ELEMENTS`` (copying
+those costs less than launching the sparse kernels; see ``benchmarks/kernels.py``). Folding is only done in
 fp32/fp64: adding small sparse deltas to a bf16 weight would round them away.
 
 Weights here are in the ``nn.Linear`` orientation, ``[out, in]``; GPTQ stores ``W^T`` (``[in, out]``, see
@@ -24,6 +25,7 @@ from sparsepack.kernels import _backend
 from sparsepack.kernels.dequant_matmul import dequant_matmul, dequant_matmul_t, dequantize_reference
 
 _FOLD_MIN_WORK = 0.25  # fold into a dense base once tokens * density >= this (spmm work ~ one pass over W)
+_FOLD_ALWAYS_ELEMENTS = 1 << 21  # ... or when W is this small: its copy costs less than spmm + spmm_t launches
 _FOLD_DTYPES = (torch.float32, torch.float64)
 
 # Sparse entries to fold: (row_idx int32 [E], col_idx int32 [E], values [E]) of S [out, in]; several adapters'
@@ -75,7 +77,8 @@ class DenseBase(BaseWeight):
 
     def can_fold(self, backend: str, dtype: torch.dtype, tokens: int, nnz: int) -> bool:
         out_f, in_f = self.shape
-        return backend != "reference" and dtype in _FOLD_DTYPES and tokens * nnz >= _FOLD_MIN_WORK * out_f * in_f
+        worth_it = tokens * nnz >= _FOLD_MIN_WORK * out_f * in_f or out_f * in_f <= _FOLD_ALWAYS_ELEMENTS
+        return backend != "reference" and dtype in _FOLD_DTYPES and worth_it
 
     def _effective(self, dtype: torch.dtype, fold: Fold | None) -> torch.Tensor:
         w = self.weight.detach()

@@ -10,6 +10,8 @@ is tested against. The dispatchers pick, per device (``_backend``):
 * ``cpu``: dequantize a chunk of input rows at a time with numba and multiply with torch's GEMM
   (``_cpu_dequant``); never more than one chunk of dense weight alive.
 * ``triton``: a fused dequantize-and-multiply kernel (``_triton_dequant``); no dense weight at all.
+
+Both are differentiable in the activations (the weight is frozen): ``QuantizedLinear`` passes gradients on.
 """
 
 from __future__ import annotations
@@ -69,17 +71,40 @@ def _check(a: torch.Tensor, qweight, scales, g_idx, bits: int, features: int, na
         raise ValueError(f"{name} has {a.shape[-1]} features in its last dim, expected {features}")
 
 
+def _run(a, qweight, qzeros, scales, g_idx, bits, transpose: bool, backend: str) -> torch.Tensor:
+    """The fast kernel on 2-D activations (no autograd)."""
+    n_in, n_out = (scales.shape[1], g_idx.numel()) if transpose else (g_idx.numel(), scales.shape[1])
+    mod = _backend.kernel_module(_FAST[backend])
+    out = mod.dequant_matmul(a.reshape(-1, n_in), qweight, qzeros, scales, g_idx, bits, transpose=transpose)
+    return out.reshape(*a.shape[:-1], n_out)
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """Differentiable in the activations: the gradient of ``a @ W`` is ``g @ W^T`` and vice versa."""
+
+    @staticmethod
+    def forward(ctx, a, qweight, qzeros, scales, g_idx, bits, transpose, backend):
+        ctx.save_for_backward(qweight, qzeros, scales, g_idx)
+        ctx.bits, ctx.transpose, ctx.backend = bits, transpose, backend
+        return _run(a, qweight, qzeros, scales, g_idx, bits, transpose, backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        # the backward is itself a _DequantMatmul, so double backward works too
+        grad = _DequantMatmul.apply(g, *ctx.saved_tensors, ctx.bits, not ctx.transpose, ctx.backend)
+        return grad, None, None, None, None, None, None, None
+
+
 def _dispatch(a, qweight, qzeros, scales, g_idx, bits, transpose: bool, backend: str | None) -> torch.Tensor:
     K, N = g_idx.numel(), scales.shape[1]
-    n_in, n_out = (N, K) if transpose else (K, N)
-    _check(a, qweight, scales, g_idx, bits, n_in, "dy" if transpose else "x")
+    _check(a, qweight, scales, g_idx, bits, N if transpose else K, "dy" if transpose else "x")
     chosen = _backend.resolve(a.device, backend)
     if chosen == "reference":
         ref = dequant_matmul_t_reference if transpose else dequant_matmul_reference
         return ref(a, qweight, qzeros, scales, g_idx, bits)
-    mod = _backend.kernel_module(_FAST[chosen])
-    out = mod.dequant_matmul(a.reshape(-1, n_in), qweight, qzeros, scales, g_idx, bits, transpose=transpose)
-    return out.reshape(*a.shape[:-1], n_out)
+    if torch.is_grad_enabled() and a.requires_grad:
+        return _DequantMatmul.apply(a, qweight, qzeros, scales, g_idx, bits, transpose, chosen)
+    return _run(a, qweight, qzeros, scales, g_idx, bits, transpose, chosen)
 
 
 def dequant_matmul(

@@ -13,12 +13,13 @@ row_idx    int32  ``[nnz]``         output row of each entry (COO rows, what sdd
 
 Activations are token-major ``[..., features]``; the ops flatten the leading dims. Each op has a plain-torch
 ``*_reference`` (differentiable, tests compare against it) and a dispatcher that picks the CPU (numba) or Triton
-kernel through ``_backend``. The dispatched fast paths are not differentiable: autograd goes through
-``kernels.autograd``.
+kernel through ``_backend``; the dispatchers are differentiable too (each backward is made of the other ops). The
+adapted linear layer has its own fused autograd function in ``kernels.autograd``.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,7 @@ def csr_row_indices(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(rows, counts, output_size=nnz)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CSRSupport:
     """The fixed sparsity pattern of one ``S [out, in]``; values live beside it as a trainable ``[nnz]``."""
 
@@ -60,6 +61,20 @@ class CSRSupport:
         """Build from a boolean ``[out, in]`` mask."""
         rows, cols = mask.nonzero(as_tuple=True)
         return cls.from_coo(rows, cols, tuple(mask.shape))
+
+    @functools.cached_property
+    def transpose(self) -> tuple[CSRSupport, torch.Tensor]:
+        """``(support of S^T, perm)``: entry k of ``S^T`` is entry ``perm[k]`` of ``S``. Computed once.
+
+        ``dy @ S`` is then ``spmm(dy, values[perm], <S^T support>)``: how the autograd layer runs ``spmm_t``
+        without re-sorting a fixed support on every backward.
+        """
+        perm = torch.argsort(self.col_idx, stable=True)  # rows stay sorted within each column
+        counts = torch.bincount(self.col_idx.long(), minlength=self.shape[1])
+        col_ptr = torch.zeros(self.shape[1] + 1, dtype=torch.int32, device=self.col_idx.device)
+        col_ptr[1:] = torch.cumsum(counts, 0)
+        t = CSRSupport(col_ptr, self.row_idx[perm].contiguous(), self.col_idx[perm].contiguous(), self.shape[::-1])
+        return t, perm
 
     @property
     def nnz(self) -> int:
@@ -138,8 +153,58 @@ def sddmm_reference(dy, x, row_idx, col_idx) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# dispatchers
+# dispatchers: fast kernels, differentiable through small autograd wrappers whose backward calls the dispatchers
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _Spmm(torch.autograd.Function):
+    """``y = x @ S^T`` (``transpose=False``) or ``y = x @ S`` (``transpose=True``) on 2-D ``x``."""
+
+    @staticmethod
+    def forward(ctx, x2, values, row_ptr, col_idx, shape, transpose, backend):
+        ctx.save_for_backward(x2, values, row_ptr, col_idx)
+        ctx.shape, ctx.transpose, ctx.backend = shape, transpose, backend
+        mod = _backend.kernel_module(_FAST[backend])
+        if transpose:
+            return mod.spmm_t(x2, values, row_ptr, col_idx, shape[1])
+        return mod.spmm(x2, values, row_ptr, col_idx, shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, values, row_ptr, col_idx = ctx.saved_tensors
+        csr, b = (row_ptr, col_idx, ctx.shape), ctx.backend
+        gx = gv = None
+        if ctx.needs_input_grad[0]:  # the other product with the same S
+            gx = spmm(g, values, *csr, backend=b) if ctx.transpose else spmm_t(g, values, *csr, backend=b)
+        if ctx.needs_input_grad[1]:  # dL/dS[r, c] sampled on the support
+            rows = csr_row_indices(row_ptr, col_idx.numel())
+            gv = sddmm(x2, g, rows, col_idx, backend=b) if ctx.transpose else sddmm(g, x2, rows, col_idx, backend=b)
+            gv = gv.to(values.dtype)
+        return gx, gv, None, None, None, None, None
+
+
+class _Sddmm(torch.autograd.Function):
+    """``values = (dy^T x)[support]``; its backward scatters through COO index_add (plain torch)."""
+
+    @staticmethod
+    def forward(ctx, dy2, x2, row_idx, col_idx, backend):
+        ctx.save_for_backward(dy2, x2, row_idx, col_idx)
+        return _backend.kernel_module(_FAST[backend]).sddmm(dy2, x2, row_idx, col_idx)
+
+    @staticmethod
+    def backward(ctx, gv):
+        dy2, x2, row_idx, col_idx = ctx.saved_tensors
+        rows, cols = row_idx.long(), col_idx.long()
+        gdy = gx = None
+        if ctx.needs_input_grad[0]:
+            gdy = torch.zeros_like(dy2).index_add(1, rows, x2[:, cols].to(gv.dtype) * gv)
+        if ctx.needs_input_grad[1]:
+            gx = torch.zeros_like(x2).index_add(1, cols, (dy2[:, rows] * gv).to(x2.dtype))
+        return gdy, gx, None, None, None
 
 
 def spmm(x, values, row_ptr, col_idx, shape, *, backend: str | None = None) -> torch.Tensor:
@@ -150,12 +215,18 @@ def spmm(x, values, row_ptr, col_idx, shape, *, backend: str | None = None) -> t
         values, row_ptr, col_idx: CSR of ``S`` (see the module table).
         shape: ``(out, in)``.
         backend: ``reference``, ``cpu`` or ``triton``; None picks by device (see ``_backend.resolve``).
+
+    Differentiable in ``x`` and ``values`` (for the fused layer use ``kernels.autograd``).
     """
     check_csr(row_ptr, col_idx, shape, values)
     chosen = _backend.resolve(x.device, backend)
     if chosen == "reference":
         return spmm_reference(x, values, row_ptr, col_idx, shape)
-    y = _backend.kernel_module(_FAST[chosen]).spmm(_flat(x, shape[1], "x"), values, row_ptr, col_idx, shape[0])
+    x2 = _flat(x, shape[1], "x")
+    if _needs_grad(x, values):
+        y = _Spmm.apply(x2, values, row_ptr, col_idx, tuple(shape), False, chosen)
+    else:
+        y = _backend.kernel_module(_FAST[chosen]).spmm(x2, values, row_ptr, col_idx, shape[0])
     return y.reshape(*x.shape[:-1], shape[0])
 
 
@@ -165,8 +236,11 @@ def spmm_t(dy, values, row_ptr, col_idx, shape, *, backend: str | None = None) -
     chosen = _backend.resolve(dy.device, backend)
     if chosen == "reference":
         return spmm_t_reference(dy, values, row_ptr, col_idx, shape)
-    mod = _backend.kernel_module(_FAST[chosen])
-    y = mod.spmm_t(_flat(dy, shape[0], "dy"), values, row_ptr, col_idx, shape[1])
+    dy2 = _flat(dy, shape[0], "dy")
+    if _needs_grad(dy, values):
+        y = _Spmm.apply(dy2, values, row_ptr, col_idx, tuple(shape), True, chosen)
+    else:
+        y = _backend.kernel_module(_FAST[chosen]).spmm_t(dy2, values, row_ptr, col_idx, shape[1])
     return y.reshape(*dy.shape[:-1], shape[1])
 
 
@@ -174,7 +248,7 @@ def sddmm(dy, x, row_idx, col_idx, *, backend: str | None = None) -> torch.Tenso
     """``values[i] = sum_t dy[t, row_idx[i]] * x[t, col_idx[i]]`` -> ``[nnz]`` in dy's dtype.
 
     The gradient of S's values; never forms the dense ``dy^T x``. Leading dims of ``dy [..., out]`` and
-    ``x [..., in]`` are flattened into one token dim and must match.
+    ``x [..., in]`` are flattened into one token dim and must match. Entries may come in any order.
     """
     if row_idx.shape != col_idx.shape:
         raise ValueError(f"row_idx {tuple(row_idx.shape)} and col_idx {tuple(col_idx.shape)} differ")
@@ -183,5 +257,7 @@ def sddmm(dy, x, row_idx, col_idx, *, backend: str | None = None) -> torch.Tenso
     chosen = _backend.resolve(dy.device, backend)
     if chosen == "reference":
         return sddmm_reference(dy, x, row_idx, col_idx)
-    mod = _backend.kernel_module(_FAST[chosen])
-    return mod.sddmm(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), row_idx, col_idx)
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if _needs_grad(dy, x):
+        return _Sddmm.apply(dy2, x2, row_idx, col_idx, chosen)
+    return _backend.kernel_module(_FAST[chosen]).sddmm(dy2, x2, row_idx, col_idx)
