@@ -217,6 +217,37 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
     _emit(res.summary, as_json, f"wrote {out} ({mode}, adapters {pairs}) in {res.summary['seconds']:.1f} s")
 
 
+# ------------------------------------------------------------------------------------------------ export
+
+
+@main.command()
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]), help="Export format.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--adapter", "adapters", multiple=True,
+              help="Adapter kept swappable as adapters/NAME.onnx_adapter (repeat); with --merge the one folded in.")
+@click.option("--merge", is_flag=True, help="Fold the one --adapter into the weights (its layers become dense).")
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="Graph with past/present key-values for token-by-token generation, or a plain logits graph.")
+@click.option("--opset", default=None, type=click.IntRange(18), help="ONNX opset (default: the exporter's).")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Compare onnxruntime against PyTorch; fail (writing nothing) on a mismatch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@_fail_cleanly
+def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bool, kv_cache: bool, opset: int | None,
+           validate: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+    """Export PACK for onnxruntime: GPTQ layers as MatMulNBits, validated against PyTorch."""
+    from sparsepack.exporters.onnx import export_onnx
+
+    res = export_onnx(pack, out, adapters=adapters, merge=merge, kv_cache=kv_cache, opset=opset, validate=validate,
+                      overwrite=overwrite)  # fmt: skip
+    worst = max((v["max_abs_diff"] for k, v in res.get("validation", {}).items() if k != "tokens"), default=None)
+    check = "not validated" if worst is None else f"max |logit diff| vs PyTorch {worst:.2g}"
+    _emit(res, as_json, f"wrote {out} ({fmt}, {res['matmulnbits_layers']} MatMulNBits layers, {check}) "
+                        f"in {res['total_s']:.1f} s")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ generate
 
 

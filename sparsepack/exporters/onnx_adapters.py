@@ -1,0 +1,120 @@
+"""Swappable (unfused) adapters in an ONNX export: graph inputs with zero defaults + ``.onnx_adapter`` files.
+
+Each adapted linear becomes ``y = base(x) + (x @ A^T) @ B^T + index_add(y, rows, x[..., cols] * values)``, where
+the five adapter tensors of slot ``i`` are graph inputs (so onnxruntime's LoRA-adapter mechanism can feed them):
+
+- ``adapter_{i}_lora_A`` float ``[r_i, in]`` and ``adapter_{i}_lora_B`` float ``[out, r_i]`` (scaling folded in);
+- ``adapter_{i}_values`` float ``[nnz_i]``, ``adapter_{i}_rows`` / ``adapter_{i}_cols`` int64 ``[nnz_i]`` (COO).
+
+``r_i`` / ``nnz_i`` are symbolic, so adapters of any size share one graph. Every such input also has a zero
+initializer of size 1 (an all-zero correction): with no active adapter the graph is the base model. An adapter
+that does not touch slot ``i`` leaves it at those defaults. ``DIR/adapters/NAME.onnx_adapter`` holds one
+adapter's tensors (``onnxruntime.AdapterFormat``); ``RunOptions.add_active_adapter`` switches between them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+PARTS = ("lora_A", "lora_B", "values", "rows", "cols")
+ADAPTER_DIR = "adapters"
+SUFFIX = ".onnx_adapter"
+
+
+class AdapterSlotLinear(nn.Module):
+    """A dense stand-in base plus one adapter slot whose tensors the export wrapper sets per call (``slot``)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.slot: tuple[torch.Tensor, ...] | None = None  # (A, B, values, rows, cols) for this call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        A, B, values, rows, cols = self.slot
+        y = y + (x @ A.t()) @ B.t()  # (..., r) -> (..., out)
+        contrib = x.index_select(-1, cols) * values  # (..., nnz)
+        return y.index_add(-1, rows, contrib)
+
+
+def slot_names(i: int) -> list[str]:
+    return [f"adapter_{i}_{p}" for p in PARTS]
+
+
+def sample_slot(in_features: int, out_features: int, r: int = 6, nnz: int = 7) -> list[torch.Tensor]:
+    """Trace-time tensors for one slot (sizes distinct from every other dynamic axis so none is specialized)."""
+    idx = torch.arange(nnz, dtype=torch.long)
+    return [torch.zeros(r, in_features), torch.zeros(out_features, r), torch.zeros(nnz),
+            idx % out_features, idx % in_features]  # fmt: skip
+
+
+def slot_dynamic_shapes(i: int) -> dict[str, dict[int, object]]:
+    from torch.export import Dim
+
+    r, nnz = Dim(f"r{i}", min=1), Dim(f"nnz{i}", min=1)
+    a, b, v, rows, cols = slot_names(i)
+    return {a: {0: r}, b: {1: r}, v: {0: nnz}, rows: {0: nnz}, cols: {0: nnz}}
+
+
+def zero_defaults(slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
+    """The size-1 all-zero default of every slot input (``slots``: (module, in, out) per slot)."""
+    out = {}
+    for i, (_, k, n) in enumerate(slots):
+        a, b, v, rows, cols = slot_names(i)
+        out.update({a: np.zeros((1, k), np.float32), b: np.zeros((n, 1), np.float32), v: np.zeros(1, np.float32),
+                    rows: np.zeros(1, np.int64), cols: np.zeros(1, np.int64)})  # fmt: skip
+    return out
+
+
+def add_defaults(proto, slots: list[tuple[str, int, int]]) -> None:
+    """Give every slot input its zero initializer (an input that is also an initializer is an overridable default)."""
+    from onnx import numpy_helper
+
+    inputs = {i.name for i in proto.graph.input}
+    for name, arr in zero_defaults(slots).items():
+        if name not in inputs:
+            raise ValueError(f"adapter input {name} missing from the exported graph")
+        proto.graph.initializer.append(numpy_helper.from_array(arr, name))
+
+
+def adapter_tensors(model: nn.Module, name: str, slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
+    """Adapter ``name`` of the loaded pack as slot tensors (scaling folded into B; CSR -> COO int64)."""
+    out: dict[str, np.ndarray] = {}
+    for i, (module, _, _) in enumerate(slots):
+        layer = model.get_submodule(module)
+        a, b, v, rows, cols = slot_names(i)
+        if name in layer.lora_A:
+            out[a] = layer.lora_A[name].detach().float().numpy()
+            out[b] = (layer.scaling[name] * layer.lora_B[name].detach().float()).numpy()
+        if name in layer.sparse_values:
+            s = layer.supports[name]
+            out[v] = layer.sparse_values[name].detach().float().numpy()
+            out[rows] = s.row_idx.long().numpy()
+            out[cols] = s.col_idx.long().numpy()
+    return out
+
+
+def write_adapter(path: Path, tensors: dict[str, np.ndarray], version: int = 1) -> None:
+    """One ``.onnx_adapter`` file (onnxruntime's flatbuffer adapter format)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(version)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    fmt.export_adapter(str(path))
+
+
+def run_options(path: Path):
+    """``RunOptions`` with the adapter at ``path`` active (the adapter object must outlive the options)."""
+    import onnxruntime as ort
+
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    opts = ort.RunOptions()
+    opts.add_active_adapter(adapter)
+    return opts, adapter

@@ -1,0 +1,201 @@
+"""ONNX export: MatMulNBits carries GPTQ exactly; onnxruntime == PyTorch (no cache, KV cache, merged adapter)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from sparsepack.exporters import validate as V  # noqa: E402
+from sparsepack.exporters.matmulnbits import (  # noqa: E402
+    UnsupportedLayerError,
+    check_layer,
+    dequantize_nbits,
+    rewrite_linears,
+    to_nbits,
+)
+from sparsepack.exporters.onnx import UnknownAdapterError, export_onnx  # noqa: E402
+from sparsepack.formats.gptq_layout import GPTQTensors, rtn_quantize  # noqa: E402
+from sparsepack.layers.quantized_linear import QuantizedLinear  # noqa: E402
+from sparsepack.runtime.onnx_runtime import OnnxModel  # noqa: E402
+from tests.factories import random_adapter, rtn_pack, tiny_llama  # noqa: E402
+
+
+def _qlinear(bits: int, act_order: bool, K: int = 64, N: int = 48, group: int = 32) -> QuantizedLinear:
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(N, K, generator=gen)
+    q, z, s, g = rtn_quantize(w, bits, group)
+    if act_order:
+        g = g[torch.randperm(K, generator=gen)]
+    return QuantizedLinear.from_tensors(GPTQTensors.from_int(q, z, s, g, bits), group)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_matmulnbits_matches_gptq(bits, act_order):
+    layer = _qlinear(bits, act_order)
+    w = to_nbits(layer)
+    ref = layer.dequantized_weight().t().numpy()  # (K, N)
+    assert np.array_equal(dequantize_nbits(w), ref)  # repack is lossless
+    # one MatMul tagged like torch.onnx tags it, rewritten, run in onnxruntime
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=str(["", "lin"]))
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 48])],
+        [numpy_helper.from_array(ref, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert rewrite_linears(model, {"lin": w}) == ["lin"]
+    assert [n.op_type for n in model.graph.node] == (["Gather"] if act_order else []) + ["MatMulNBits"]
+    assert "w" not in {t.name for t in model.graph.initializer}
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)
+    y = sess.run(None, {"x": x})[0]
+    expect = x @ ref
+    assert np.abs(y - expect).max() <= 1e-5 * np.abs(expect).max()
+
+
+def test_unsupported_layers_are_named():
+    with pytest.raises(UnsupportedLayerError, match="3-bit"):
+        check_layer("model.layers.0.mlp.up_proj", 64, 3, 32)
+    with pytest.raises(UnsupportedLayerError, match="power-of-two"):
+        check_layer("model.layers.0.mlp.up_proj", 96, 4, 48)
+
+
+def test_validation_error_names_worst_output():
+    ref = np.zeros((2, 3), np.float32)
+    checks = [V.compare("logits", "logits", ref, ref + 1e-6),
+              V.compare("decode_logits[1]", "decode_logits", ref, ref + 1)]  # fmt: skip
+    with pytest.raises(V.ExportValidationError, match=r"decode_logits\[1\]") as e:
+        V.raise_worst(checks)
+    assert e.value.max_abs_diff == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    model = tiny_llama()
+    adapter = random_adapter(model)
+    out = {}
+    for bits, act in ((4, True), (8, False)):
+        out[bits] = rtn_pack(model, root / f"w{bits}", bits=bits, act_order=act, adapters={"a": adapter})[0]
+    return root, out
+
+
+def test_no_cache_graph_matches_pytorch_4bit_act_order(packs):
+    root, p = packs
+    s = export_onnx(p[4], root / "nocache", kv_cache=False)
+    assert s["matmulnbits_layers"] == 14 and s["validation"]["logits"]["max_abs_diff"] < 1e-5
+    assert s["tied_embedding_shared"]  # one [hidden, vocab] table serves the embedding and lm_head
+    meta = json.loads((root / "nocache" / "sparsepack_onnx.json").read_text())
+    assert meta["kv_cache"] is False and (root / "nocache" / "model.onnx.data").is_file()
+    assert (root / "nocache" / "tokenizer.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def kv_unfused(packs):
+    root, p = packs
+    return export_onnx(p[4], root / "kv", adapters=["a"]), root / "kv"
+
+
+def test_kv_cache_decode_matches_generate_and_runtime(packs, kv_unfused):
+    import sparsepack
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    root, p = packs
+    s, out = kv_unfused
+    for tag in ("", "a:"):  # the bare graph and the swappable adapter: greedy tokens == model.generate
+        assert s["validation"][f"{tag}tokens"]["max_abs_diff"] == 0
+    # the runtime wrapper: text generation equals PyTorch greedy generation, with and without the adapter
+    om = OnnxModel(out)
+    tok = load_tokenizer(p[4])
+    prompt = "def token_windows"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    for adapter in (None, "a"):
+        model = sparsepack.load(p[4], adapter=adapter)
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=1)
+        om.set_adapter(adapter)
+        assert om.generate(prompt, max_new_tokens=6, stop_at_eos=False) == tok.decode(ref[0, ids.shape[1] :])
+
+
+def test_adapter_switching_in_one_session(packs, kv_unfused):
+    import sparsepack
+
+    root, p = packs
+    om = OnnxModel(kv_unfused[1])
+    assert om.adapters == ["a"] and (kv_unfused[1] / "adapters" / "a.onnx_adapter").is_file()
+    ids = np.array([[5, 9, 40, 7, 11]], dtype=np.int64)
+    ref = {a: sparsepack.load(p[4], adapter=a)(torch.from_numpy(ids)).logits.detach().numpy() for a in (None, "a")}
+    assert np.abs(ref["a"] - ref[None]).max() > 1e-3  # the adapter matters
+    for a in (None, "a", None, "a"):
+        om.set_adapter(a)
+        assert np.abs(om.logits(ids) - ref[a]).max() < 1e-5
+    with pytest.raises(KeyError, match="nope"):
+        om.set_adapter("nope")
+
+
+def test_onnx_adapter_round_trip(packs, kv_unfused):
+    import sparsepack
+    from sparsepack.exporters.onnx import adapter_slots
+    from sparsepack.exporters.onnx_adapters import adapter_tensors
+
+    root, p = packs
+    model = sparsepack.load(p[4])
+    expect = adapter_tensors(model, "a", adapter_slots(model, ("a",)))
+    fmt = ort.AdapterFormat.read_adapter(str(kv_unfused[1] / "adapters" / "a.onnx_adapter"))
+    got = {k: v.numpy() for k, v in fmt.get_parameters().items()}
+    assert sorted(got) == sorted(expect) and len(got) == 6 * 5  # q, v, down of 2 layers; A, B, values, rows, cols
+    for k in expect:
+        assert np.array_equal(got[k], expect[k]), k
+
+
+def test_merged_export_equals_unfused_with_adapter(packs, kv_unfused):
+    root, p = packs
+    s = export_onnx(p[4], root / "merged", adapters=["a"], merge=True, kv_cache=False)
+    assert s["merged_adapter"] == "a" and s["matmulnbits_layers"] == 14 - 6  # q, v, down of 2 layers go dense
+    assert s["validation"]["logits"]["max_abs_diff"] < 1e-5  # vs PyTorch with the adapter active
+    merged, unfused = OnnxModel(root / "merged"), OnnxModel(kv_unfused[1])
+    unfused.set_adapter("a")
+    ids = np.array([[5, 9, 40, 7], [3, 3, 100, 2]], dtype=np.int64)
+    assert np.abs(merged.logits(ids) - unfused.logits(ids)).max() < 1e-5
+
+
+def test_unknown_adapter_fails_before_writing(packs):
+    root, p = packs
+    out = root / "never"
+    with pytest.raises(UnknownAdapterError, match="'nope'"):
+        export_onnx(p[4], out, adapters=["nope"], merge=True)
+    assert not out.exists() and not list(root.glob(".never*"))
+
+
+@pytest.mark.slow
+def test_failed_validation_writes_nothing(packs, monkeypatch):
+    root, p = packs
+    monkeypatch.setitem(V.TOLERANCES, "logits", {"atol": -1.0, "rtol": 0.0})
+    out = root / "bad"
+    with pytest.raises(V.ExportValidationError, match="logits"):
+        export_onnx(p[4], out, kv_cache=False)
+    assert not out.exists() and not list(root.glob(".bad*"))
+
+
+def test_cli_export_8bit_json(packs):
+    from sparsepack.cli import main
+
+    root, p = packs
+    res = CliRunner().invoke(main, ["export", str(p[8]), "--format", "onnx", "-o", str(root / "cli"),
+                                    "--no-kv-cache", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["matmulnbits_layers"] == 14
+    res = CliRunner().invoke(main, ["export", str(p[8]), "-o", str(root / "cli2"), "--adapter", "zz", "--merge"])
+    assert res.exit_code == 1 and "unknown adapter 'zz'" in res.output
