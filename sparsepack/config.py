@@ -22,6 +22,7 @@ class QuantConfig:
     damp: float = 0.01  # Hessian dampening, fraction of its mean diagonal
     true_sequential: bool = True  # each sublayer group sees the outputs of already-quantized groups
     static_groups: bool = False  # with act-order: compute group grids up front (keeps g_idx monotone)
+    group_aware: bool = False  # group-aware column order (GPTQModel's act_group_aware); exclusive with act_order
     method: str = "gptq"  # "gptq" (error-compensated) or "rtn" (round to nearest, no calibration)
     skip: str = r"(^|\.)lm_head$"  # regex of module names left unquantized
     nsamples: int = 128  # calibration windows
@@ -44,6 +45,8 @@ class QuantConfig:
             raise ValueError(f"--method must be gptq or rtn, got {self.method!r}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive (seqlen >= 2)")
+        if self.group_aware and self.act_order:
+            raise ValueError("--group-aware and --act-order are exclusive (two different column orders)")
         if self.hessian_dtype not in ("float32", "float64"):
             raise ValueError(f"hessian_dtype must be float32 or float64, got {self.hessian_dtype!r}")
         try:

@@ -22,21 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sparsepack.formats.errors import (
     FormatError,
     MissingFileError,
+    SafetensorsHeaderError,
     ShapeError,
     SparseIndexError,
     UnsafePathError,
 )
+from sparsepack.formats.safetensors_check import read_header
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_META = "sparsepack_adapter.json"
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 SPARSE_WEIGHTS = "sparse_adapter.safetensors"
+MAX_ALPHA = 65504.0  # the scale alpha / r must fit fp16, the dtype adapters run in on GPU
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -173,6 +177,15 @@ def write_adapter(directory: Path, adapter: Adapter, base_model: str = "") -> li
     return written
 
 
+def _load_checked(path: Path) -> dict[str, torch.Tensor]:
+    """Load a small safetensors file after validating its header ourselves (typed errors, no duplicate names)."""
+    read_header(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:  # stricter than read_header in places (holes between tensors, metadata types)
+        raise SafetensorsHeaderError(f"rejected by safetensors: {e}", path) from None
+
+
 def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
     """Read and validate an adapter directory.
 
@@ -187,8 +200,8 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
         raise MissingFileError(f"missing {ADAPTER_META}", directory)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"invalid JSON: {e}", meta_path) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit, deep nesting
+        raise FormatError(f"invalid JSON: {type(e).__name__}: {e}", meta_path) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict):
         raise FormatError("must be an object with a 'modules' object", meta_path)
     modules: dict[str, AdapterModule] = {}
@@ -209,11 +222,14 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
             if expected_shapes[name] != shape_t:
                 raise ShapeError(f"adapter shape {shape_t} != base layer shape {expected_shapes[name]}", meta_path,
                                  name)  # fmt: skip
+        alpha = info.get("alpha", 16.0)
+        if type(alpha) not in (int, float) or not abs(alpha) <= MAX_ALPHA:  # `not <=` also catches NaN
+            raise FormatError(f"alpha must be a number in [-{MAX_ALPHA}, {MAX_ALPHA}], got {alpha!r}", meta_path, name)
         extra = {k: v for k, v in info.items() if k not in ("shape", "rank", "alpha", "nnz")}
-        modules[name] = AdapterModule(shape=shape_t, alpha=float(info.get("alpha", 16.0)), extra=extra)
+        modules[name] = AdapterModule(shape=shape_t, alpha=float(alpha), extra=extra)
     lora_path = directory / LORA_WEIGHTS
     if lora_path.is_file():
-        tensors = load_file(str(lora_path))
+        tensors = _load_checked(lora_path)
         for key, t in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
                 raise FormatError("unexpected tensor name in LoRA weights", lora_path, key)
@@ -225,6 +241,8 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
             if (m.A is None) != (m.B is None):
                 raise MissingFileError("lora_A and lora_B must both be present", lora_path, name)
             if m.A is not None:
+                if not (m.A.is_floating_point() and m.B.is_floating_point()):
+                    raise ShapeError(f"lora_A/lora_B must be float, got {m.A.dtype}/{m.B.dtype}", lora_path, name)
                 out_f, in_f = m.shape
                 r = m.A.shape[0]
                 if m.A.dim() != 2 or m.A.shape[1] != in_f or tuple(m.B.shape) != (out_f, r):
@@ -232,7 +250,7 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
                                      f"[r, {in_f}] / [{out_f}, r]", lora_path, name)  # fmt: skip
     sparse_path = directory / SPARSE_WEIGHTS
     if sparse_path.is_file():
-        tensors = load_file(str(sparse_path))
+        tensors = _load_checked(sparse_path)
         names = {k.rsplit(".", 1)[0] for k in tensors}
         for name in names:
             if name not in modules:
@@ -243,8 +261,16 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
                 values, row_ptr, col_idx = (tensors[f"{name}.{p}"] for p in ("values", "row_ptr", "col_idx"))
             except KeyError as e:
                 raise MissingFileError(f"missing {e.args[0]}", sparse_path, name) from None
+            if not values.is_floating_point():
+                raise ShapeError(f"values must be float, got {values.dtype}", sparse_path, f"{name}.values")
             check_csr(sparse_path, name, row_ptr, col_idx, values, modules[name].shape)
             m = modules[name]
             m.values, m.row_ptr, m.col_idx = values, row_ptr, col_idx
+    for name, info in meta["modules"].items():  # a missing or swapped weights file must not go unnoticed
+        for key, actual in (("rank", modules[name].rank), ("nnz", modules[name].nnz)):
+            declared = info.get(key)
+            if declared is not None and declared != actual:
+                raise ShapeError(f"{ADAPTER_META} declares {key} {declared!r} but the weights hold {actual}",
+                                 directory, name)  # fmt: skip
     meta_rest = {k: v for k, v in meta.items() if k not in ("method", "modules")}
     return Adapter(modules=modules, method=str(meta.get("method", "unknown")), meta=meta_rest)

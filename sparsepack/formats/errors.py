@@ -37,6 +37,10 @@ class SafetensorsHeaderError(FormatError):
     """A safetensors file is truncated or its header is inconsistent (offsets, dtypes, shapes)."""
 
 
+class ConfigError(FormatError):
+    """config.json / quantize_config.json is unreadable, inconsistent, or declares impossible dimensions."""
+
+
 class ShapeError(FormatError):
     """A tensor's shape or dtype does not match the model config or the layout."""
 
@@ -55,3 +59,7 @@ class UnsafePathError(FormatError):
 
 class OutputExistsError(FormatError):
     """The output directory exists and overwriting was not requested."""
+
+
+class WriteError(FormatError):
+    """Writing an output failed with an OS error (disk full, permissions, I/O); the output path is unchanged."""

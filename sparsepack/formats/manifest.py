@@ -93,6 +93,9 @@ class Manifest:
         for i, rec in enumerate(data.get("history", [])):
             if not isinstance(rec, dict) or not isinstance(rec.get("stage"), str):
                 raise ManifestError(f"history[{i}] must be an object with a 'stage' string", path)
+            for key in ("args", "summary"):
+                if not isinstance(rec.get(key) or {}, dict):
+                    raise ManifestError(f"history[{i}].{key} must be an object", path)
             history.append(
                 StageRecord(
                     stage=rec["stage"],
@@ -107,9 +110,12 @@ class Manifest:
             if (
                 not isinstance(info, dict)
                 or not isinstance(info.get("sha256"), str)
-                or not isinstance(info.get("bytes"), int)
+                or type(info.get("bytes")) is not int
             ):
                 raise ManifestError(f"files[{rel!r}] must be {{sha256: str, bytes: int}}", path)
+        for name, info in data.get("adapters", {}).items():
+            if not isinstance(info, dict):
+                raise ManifestError(f"adapters[{name!r}] must be an object", path)
         return cls(
             base=dict(data.get("base", {})),
             quantization=quant,
@@ -126,6 +132,6 @@ class Manifest:
             raise ManifestError(f"not UTF-8 JSON ({e})", path) from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"invalid JSON: {e}", path) from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, int digit limit, deep nesting
+            raise ManifestError(f"invalid JSON: {type(e).__name__}: {e}", path) from None
         return cls.from_dict(data, path)

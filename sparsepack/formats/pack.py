@@ -9,9 +9,14 @@ hashes, safetensors headers, tensor shapes/dtypes against the model config, adap
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +26,7 @@ from typing import Any
 from sparsepack.formats import gptq_layout
 from sparsepack.formats.adapter_layout import Adapter, read_adapter, validate_adapter_name
 from sparsepack.formats.errors import (
+    ConfigError,
     FormatError,
     HashMismatchError,
     ManifestError,
@@ -29,9 +35,10 @@ from sparsepack.formats.errors import (
     ShapeError,
     UnsafeFileError,
     UnsafePathError,
+    WriteError,
 )
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, sha256_file
-from sparsepack.formats.safetensors_check import TensorInfo, read_header
+from sparsepack.formats.safetensors_check import TensorInfo, read_header, read_tensor_bytes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INT_DTYPE = {"qweight": "I32", "qzeros": "I32", "g_idx": "I32"}
@@ -45,33 +52,151 @@ FLOAT_DTYPES = ("F16", "BF16", "F32")
 def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``out``; on success rename it to ``out``, on failure delete it.
 
+    The sibling is named ``.NAME.tmp-PID@HOST-XXXXXXXX``. A writer killed outright (kill -9, power loss) cannot
+    delete it; the next write to the same ``out`` does (:func:`clean_stale_siblings`). An existing ``out`` is
+    replaced by an atomic exchange where the OS offers one (Linux ``renameat2``), so no moment exists at which
+    ``out`` is missing; elsewhere by two renames.
+
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is False (checked before and at the rename, so
             of two concurrent writers one wins and the other fails cleanly).
+        WriteError: the body failed with an OS error (disk full, permissions, I/O); nothing changed at ``out``.
     """
     out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_siblings(out)  # first: it may put back a previous output that a dead writer had moved aside
     if out.exists() and not overwrite:
         raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
     try:
         yield tmp
         _fsync_tree(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a pack is as readable as any new directory
         if out.exists():
             if not overwrite:
                 raise OutputExistsError("output appeared while writing (another writer?)", out)
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if _rename_exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
+            else:
+                old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
+                os.rename(out, old / "x")
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             try:
                 os.rename(tmp, out)
             except OSError as e:  # ENOTEMPTY/EEXIST: someone else renamed into place first
                 raise OutputExistsError(f"output appeared while writing ({e.strerror})", out) from None
-    except BaseException:
+        _fsync_dir(out.parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        detail = _io_failure(e)
+        if detail is not None:
+            raise WriteError(f"writing failed ({detail}); the output path was left as it was", out) from e
         raise
+
+
+def _io_failure(e: BaseException) -> str | None:
+    """A one-line description when ``e`` is an OS-level write failure (as OSError or as safetensors reports it)."""
+    if isinstance(e, OSError) and not isinstance(e, FormatError):
+        code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+        return f"{code}: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    if type(e).__name__ == "SafetensorError" and "os error" in str(e):  # save_file wraps the OSError
+        return str(e)
+    return None
+
+
+def _sibling_prefix(out: Path, tag: str) -> str:
+    return f".{out.name}.{tag}-{os.getpid()}@{_host()}-"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+_SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)-[a-z0-9_]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_siblings(out: Path) -> list[Path]:
+    """Delete temporary siblings of ``out`` whose writer is dead; returns what was deleted.
+
+    Only siblings made on this host by a process id that no longer runs are touched: a live writer's (here or on
+    another host sharing the filesystem) are left alone, and so is anything not named by :func:`staged_dir`.
+    """
+    removed = []
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return removed
+    for path in sorted(out.parent.iterdir()):
+        m = _SIBLING_RE.match(path.name)
+        if not m or m["name"] != out.name or m["host"] != _host() or int(m["pid"]) == os.getpid():
+            continue
+        if _pid_alive(int(m["pid"])) or not path.is_dir() or path.is_symlink():
+            continue
+        if m["tag"] == "old" and not os.path.lexists(out) and (path / "x").is_dir():
+            os.rename(path / "x", out)  # the writer died between its two renames: put the previous output back
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def stale_siblings(out: Path) -> list[Path]:
+    """Temporary siblings of ``out`` (``.NAME.tmp-*``, ``.NAME.old-*``) left by writers, dead or alive."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if (m := _SIBLING_RE.match(p.name)) and m["name"] == out.name)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem without RENAME_EXCHANGE
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() would change it for every thread for a moment
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -128,13 +253,39 @@ class Pack:
 
 def safe_child(root: Path, rel: str) -> Path:
     """``root / rel`` after checking that it stays inside ``root`` (no '..', absolute paths, or symlinks out)."""
+    if not isinstance(rel, str) or "\x00" in rel:
+        raise UnsafePathError(f"path {rel!r} is not a relative path string", root)
     if not rel or os.path.isabs(rel) or any(part == ".." for part in Path(rel).parts):
         raise UnsafePathError(f"path {rel!r} escapes the pack", root)
     path = root / rel
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UnsafePathError(f"{rel!r} cannot be resolved ({e})", root) from None
     if not resolved.is_relative_to(root.resolve()):
         raise UnsafePathError(f"{rel!r} resolves outside the pack (symlink?)", root)
     return path
+
+
+def check_links(root: Path) -> None:
+    """Refuse a pack holding a symlink that is broken, loops, or resolves outside it (at any depth).
+
+    The manifest's own paths are checked one by one by :func:`safe_child`; this also covers files a reader
+    opens without the manifest naming them (the manifest itself, config.json, adapter files).
+    """
+    top = os.path.realpath(root)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                continue
+            rel = os.path.relpath(path, root)
+            try:
+                target = os.path.realpath(path, strict=True)
+            except OSError as e:  # dangling or looping
+                raise UnsafePathError(f"symlink {rel!r} is broken ({e.strerror})", root) from None
+            if os.path.commonpath([top, target]) != top:
+                raise UnsafePathError(f"symlink {rel!r} resolves outside the pack, to {target}", root)
 
 
 def _refuse_pickles(root: Path) -> None:
@@ -153,9 +304,11 @@ def _weight_files(root: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"invalid safetensors index ({e})", index) from None
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise FormatError(f"invalid safetensors index ({type(e).__name__}: {e})", index) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FormatError("'weight_map' must map tensor names to file names", index)
+        names = sorted(set(weight_map.values()))
         return [safe_child(root, n) for n in names]
     single = root / "model.safetensors"
     if single.exists():
@@ -169,25 +322,27 @@ def _read_quant_config(root: Path, config: Any) -> dict[str, Any] | None:
     if qc is None and (root / "quantize_config.json").is_file():
         try:
             qc = json.loads((root / "quantize_config.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"invalid JSON: {e}", root / "quantize_config.json") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+            raise ConfigError(f"invalid JSON: {e}", root / "quantize_config.json") from None
     if qc is None:
         return None
     if not isinstance(qc, dict):
+        if not callable(getattr(qc, "to_dict", None)):
+            raise ConfigError(f"quantization_config must be an object, got {type(qc).__name__}", root / "config.json")
         qc = qc.to_dict()
     method = str(qc.get("quant_method", "gptq")).lower()
     if method != "gptq":
-        raise FormatError(
+        raise ConfigError(
             f"quantization method {method!r} is not supported (GPTQ only)", root / "config.json"
         )
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
-    if bits not in (2, 3, 4, 8):
-        raise FormatError(f"quantization bits {bits!r} not in (2, 3, 4, 8)", root / "config.json")
-    if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1) or group_size > 2**20:
-        raise FormatError(f"group_size {group_size!r} invalid", root / "config.json")
+    if type(bits) is not int or bits not in (2, 3, 4, 8):  # type(): refuse 4.0 and True as well
+        raise ConfigError(f"quantization bits {bits!r} not in (2, 3, 4, 8)", root / "config.json")
+    if type(group_size) is not int or (group_size <= 0 and group_size != -1) or group_size > 2**20:
+        raise ConfigError(f"group_size {group_size!r} invalid", root / "config.json")
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
-        raise FormatError(f"checkpoint_format {fmt!r} not supported (gptq or gptq_v2)", root / "config.json")
+        raise ConfigError(f"checkpoint_format {fmt!r} not supported (gptq or gptq_v2)", root / "config.json")
     return {
         "bits": bits,
         "group_size": group_size,
@@ -205,9 +360,77 @@ def _load_config(root: Path) -> Any:
         raise MissingFileError("missing config.json", root)
     try:
         config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise FormatError(f"cannot read model config: {e}", path) from None
+    except Exception as e:  # noqa: BLE001 - config classes run their own validators, each with its own error type
+        raise ConfigError(f"cannot read model config: {type(e).__name__}: {e}", path) from None
     return config
+
+
+# Config fields that size tensors or count modules, with the largest value accepted. A hostile config then fails
+# here rather than while the model is built (`num_hidden_layers: 2**40` would build modules until memory runs
+# out). An int, or a list of ints for per-layer values; None where the architecture derives the value.
+DIM_LIMITS = {
+    **dict.fromkeys(("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_inner", "moe_intermediate_size"),
+                    2**31 - 1),
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer"), 2**16),
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts"), 2**16),
+}  # fmt: skip
+LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")  # each layer holds at least one tensor
+
+
+def _is_bool(v: object) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_int_list(v: object) -> bool:
+    return isinstance(v, list) and all(type(i) is int for i in v)
+
+
+RUNTIME_FLAGS = {"use_cache": (_is_bool,), "return_dict": (_is_bool,), "tie_word_embeddings": (_is_bool,),
+                 "output_attentions": (_is_bool,), "output_hidden_states": (_is_bool, _is_int_list)}  # fmt: skip
+
+
+def check_config_dims(config: Any, n_tensors: int, path: Path) -> None:
+    """Refuse non-integer, non-positive or huge dimensions in ``config`` before any model is built."""
+    for key, limit in DIM_LIMITS.items():
+        value = getattr(config, key, None)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) and key not in LAYER_COUNTS else [value]
+        if not all(type(v) is int and 1 <= v <= limit for v in values):
+            raise ConfigError(f"config field {key} = {value!r} must be a positive integer up to {limit}", path)
+        if key in LAYER_COUNTS and value > n_tensors:
+            raise ConfigError(f"config field {key} = {value} but the checkpoint holds only {n_tensors} tensors",
+                              path)  # fmt: skip
+    for key, kinds in RUNTIME_FLAGS.items():  # read by every forward pass: a hostile value fails there, late
+        value = getattr(config, key, None)
+        if value is not None and not any(kind(value) for kind in kinds):
+            raise ConfigError(f"config field {key} = {value!r} has the wrong type", path)
+
+
+def _build_skeleton(config: Any, path: Path) -> Any:
+    from sparsepack.layers.skeleton import empty_model
+
+    try:
+        return empty_model(config)
+    except Exception as e:  # noqa: BLE001 - model constructors assert, divide and raise on inconsistent configs
+        raise ConfigError(f"cannot build the model from config.json: {type(e).__name__}: {e}", path) from None
+
+
+def check_g_idx(pack: Pack) -> None:
+    """Every ``g_idx`` entry must name a group in ``[0, G)``: kernels index scales and zeros with it unchecked."""
+    import torch
+
+    for name in pack.quantized_modules:
+        info = pack.tensors.get(f"{name}.g_idx")
+        if info is None or info.dtype != "I32":
+            continue  # check_shapes reports it
+        K = info.shape[0] if info.shape else 0
+        G = gptq_layout.num_groups(K, pack.quant["group_size"])
+        g = torch.frombuffer(bytearray(read_tensor_bytes(info)), dtype=torch.int32)
+        if g.numel() and (int(g.min()) < 0 or int(g.max()) >= G):
+            raise ShapeError(f"g_idx values must lie in [0, {G}), found [{int(g.min())}, {int(g.max())}]",
+                             info.file, info.name)  # fmt: skip
 
 
 def check_shapes(pack: Pack, model: Any) -> None:
@@ -261,14 +484,19 @@ def read_pack(path: Path, verify: bool = True, check_config: bool = True) -> Pac
     """
     root = Path(path)
     if not root.exists():
-        raise MissingFileError("no such pack or model directory", root)
+        left = [p.name for p in stale_siblings(root) if (p / "x").is_dir()]
+        hint = f"; a writer died while replacing it, the previous version is in {left[0]}/x" if left else ""
+        raise MissingFileError(f"no such pack or model directory{hint}", root)
     if not root.is_dir():
         if root.suffix in PICKLE_SUFFIXES:
             raise UnsafeFileError("pickle checkpoints are refused and never unpickled; convert to safetensors",
                                   root)  # fmt: skip
         raise FormatError("not a directory (a pack is a directory)", root)
     manifest_path = root / MANIFEST_FILE
-    if manifest_path.is_file():
+    if os.path.lexists(manifest_path):
+        check_links(root)
+        if not manifest_path.is_file():
+            raise ManifestError("not a regular file", manifest_path)
         manifest = Manifest.read(manifest_path)
         kind = "sparsepack"
         for rel, info in manifest.files.items():
@@ -300,10 +528,13 @@ def read_pack(path: Path, verify: bool = True, check_config: bool = True) -> Pac
     pack = Pack(path=root, kind=kind, manifest=manifest, config=config, quant=quant, tensors=tensors)
     shapes = None
     if check_config:
-        from sparsepack.layers.skeleton import empty_model, linear_shapes
+        from sparsepack.layers.skeleton import linear_shapes
 
-        model = empty_model(config)
+        check_config_dims(config, len(tensors), root / "config.json")
+        model = _build_skeleton(config, root / "config.json")
         check_shapes(pack, model)
+        if quant is not None:
+            check_g_idx(pack)
         shapes = linear_shapes(model)
     for name, info in manifest.adapters.items():
         validate_adapter_name(name)

@@ -70,8 +70,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as e:
         raise SafetensorsHeaderError("tensor name appears twice in the header", path, str(e)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsHeaderError(f"header is not valid JSON ({e})", path) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit, deep nesting
+        raise SafetensorsHeaderError(f"header is not valid JSON ({type(e).__name__}: {e})", path) from None
     if not isinstance(header, dict):
         raise SafetensorsHeaderError("header is not a JSON object", path)
     data_size = size - 8 - n
@@ -116,3 +116,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if b1 < e0:
             raise SafetensorsHeaderError(f"data of {n0!r} and {n1!r} overlap", path, n1)
     return out
+
+
+def read_tensor_bytes(info: TensorInfo) -> bytes:
+    """The raw bytes of one tensor whose header :func:`read_header` validated (for small tensors: g_idx)."""
+    try:
+        with open(info.file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n + info.offsets[0])
+            data = f.read(info.offsets[1] - info.offsets[0])
+    except (OSError, struct.error) as e:
+        raise SafetensorsHeaderError(f"cannot read: {e}", info.file, info.name) from None
+    if len(data) != info.offsets[1] - info.offsets[0]:
+        raise SafetensorsHeaderError("file shrank while being read", info.file, info.name)
+    return data

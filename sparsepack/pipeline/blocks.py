@@ -5,6 +5,8 @@
   (hidden states plus the keyword arguments the model passes: masks, rotary embeddings, positions).
 - :func:`sequential_groups` discovers, by one probe forward, the order in which a block calls its linears
   and which of them read the same input tensor (q/k/v, gate/up): those share one Hessian.
+- :class:`ReplayCache` keeps the outputs of submodules that can no longer change (everything that finished
+  before a true-sequential pass stopped), so later passes over the same block skip recomputing them.
 """
 
 from __future__ import annotations
@@ -84,22 +86,167 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     return captured
 
 
-def run_block(block: nn.Module, inputs: list[BlockInput]) -> Iterator[torch.Tensor]:
-    """The block's output hidden states, batch by batch."""
-    for inp in inputs:
-        yield _first_tensor(block(inp.hidden, **inp.kwargs))
+def run_block(block: nn.Module, inputs: list[BlockInput], cache: ReplayCache | None = None) -> Iterator[torch.Tensor]:
+    """The block's output hidden states, batch by batch (cached submodule outputs replayed)."""
+    with _replaying(block, cache) as batch:
+        for i, inp in enumerate(inputs):
+            batch[0] = i
+            yield _first_tensor(block(inp.hidden, **inp.kwargs))
+
+
+def _versions(out) -> tuple[int, ...] | None:
+    """In-place version counters of a tensor / tuple-of-tensors output; None if it has none (not cached)."""
+    tensors = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, tuple) else None
+    if not tensors or not isinstance(tensors[0], torch.Tensor):
+        return None
+    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    try:
+        return tuple(t._version for t in tensors if t is not None)
+    except RuntimeError:  # inference-mode tensors carry no version counter
+        return None
+
+
+def _numel(out) -> int:
+    return out.numel() if isinstance(out, torch.Tensor) else sum(t.numel() for t in out if t is not None)
+
+
+def _nbytes(out) -> int:
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ReplayCache:
+    """Per-batch outputs of a block's submodules that are final, replayed instead of recomputed.
+
+    True-sequential GPTQ runs the block once per sublayer group, each pass stopping at the group's first
+    linear with every earlier group already quantized. A submodule that *finished* before the pass stopped
+    (the input norm; q/k/v; later the whole attention) therefore saw only final weights: its output for that
+    batch can no longer change, and every later pass (the last one producing the next block's inputs
+    included) takes it from here. Valid only while that holds: the caller records only in passes whose
+    already-called linears are final. A module called more than once per batch is never cached. Outputs are
+    kept by reference with their in-place version counters: if anything downstream modified one in place, the
+    module is recomputed instead (so replay can never hand out a corrupted tensor), at no copying cost.
+
+    Args:
+        max_ratio: largest output kept, as a multiple of the block input's size (memory bound: 1.0 keeps
+            hidden-sized outputs such as attention and norms, not the MLP's wide intermediate ones).
+    """
+
+    def __init__(self, block: nn.Module, probe: BlockInput, max_ratio: float = 1.0):
+        self.max_ratio = max_ratio
+        # module name (relative to the block) -> per batch: (output, its tensors' versions when recorded)
+        self.outputs: dict[str, list[tuple[object, tuple[int, ...]]]] = {}
+        self.recomputed = 0  # replays refused because an output had been modified in place
+        self.once = _called_once(block, probe)  # a pass that stops early cannot see a second call: probe it
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(out) for entries in self.outputs.values() for out, _ in entries)
+
+    def _covered(self, name: str) -> bool:
+        """``name`` or one of its ancestors is replayed (so it is never called)."""
+        return any(name == r or name.startswith(r + ".") for r in self.outputs)
+
+    def _admit(self, recorded: dict[str, list]) -> None:
+        self.outputs.update(recorded)
+        for name in list(self.outputs):  # a replayed ancestor makes its descendants' entries dead weight
+            if any(name.startswith(other + ".") for other in self.outputs):
+                del self.outputs[name]
+
+    def _forward(self, module: nn.Module, entries: list, batch: list[int]):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            out, versions = entries[batch[0]]
+            if _versions(out) == versions:
+                return out
+            self.recomputed += 1  # modified in place downstream since it was recorded: compute it again
+            out = original(*args, **kwargs)
+            entries[batch[0]] = (out, _versions(out))
+            return out
+
+        return forward
+
+
+@torch.no_grad()
+def _called_once(block: nn.Module, probe: BlockInput) -> set[str]:
+    """Names of the submodules one full forward of ``block`` calls exactly once (probed on one sample)."""
+    calls: dict[str, int] = {}
+    handles = [m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+               for n, m in block.named_modules() if n]  # fmt: skip
+    try:
+        block(probe.hidden[:1], **_slice_kwargs(probe.kwargs, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n for n, c in calls.items() if c == 1}
+
+
+class _Recorder:
+    """Forward hooks that keep, batch by batch, the outputs a pass may add to a :class:`ReplayCache`."""
+
+    def __init__(self, cache: ReplayCache, inputs: list[BlockInput]):
+        self.cache, self.inputs = cache, inputs
+        self.entries: dict[str, list] = {}
+        self.rejected: set[str] = set()
+        self.batch = 0
+
+    def hook(self, name: str):
+        def keep(_module, _args, out):
+            if name in self.rejected:
+                return
+            entries = self.entries.setdefault(name, [])
+            versions = _versions(out)
+            limit = self.cache.max_ratio * self.inputs[self.batch].hidden.numel()
+            # Refused at once (not at the end of the pass) so large outputs never pile up: a second call in
+            # one batch, a skipped batch, something other than tensors, or too big.
+            if versions is None or len(entries) != self.batch or _numel(out) > limit:
+                self.rejected.add(name)
+                del self.entries[name]
+                return
+            entries.append((out, versions))
+
+        return keep
+
+    def finished(self) -> dict[str, list]:
+        """Outputs recorded in every batch."""
+        return {n: e for n, e in self.entries.items() if len(e) == len(self.inputs)}
+
+
+class _replaying:
+    """Context: the cache's modules return their stored output for batch ``batch[0]`` instead of computing."""
+
+    def __init__(self, block: nn.Module, cache: ReplayCache | None):
+        self.block, self.cache, self.batch, self.patched = block, cache, [0], []
+
+    def __enter__(self) -> list[int]:
+        if self.cache is not None:
+            for name, entries in self.cache.outputs.items():
+                module = self.block.get_submodule(name)
+                module.forward = self.cache._forward(module, entries, self.batch)  # instance attr shadows the class's
+                self.patched.append(module)
+        return self.batch
+
+    def __exit__(self, *exc) -> None:
+        for module in self.patched:
+            del module.forward  # back to the class's forward
 
 
 @torch.no_grad()
 def sequential_groups(block: nn.Module, probe: BlockInput, names: list[str]) -> list[list[str]]:
-    """Linears of ``block`` (relative ``names``) in call order, grouped by shared input tensor."""
-    calls: list[tuple[str, int]] = []
+    """Linears of ``block`` (relative ``names``) in call order, grouped by shared input tensor.
+
+    The inputs themselves are held until the end: comparing bare addresses would group o_proj with gate/up
+    whenever the allocator hands the freed attention output's memory to the post-attention norm's output
+    (it does, at random: such runs quantized gate/up against o_proj's Hessian).
+    """
+    calls: list[tuple[str, torch.Tensor]] = []
     wanted = set(names)
     handles = []
     for name, module in block.named_modules():
         if name in wanted:
             handles.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: calls.append((name, args[0].data_ptr()))))  # fmt: skip
+                lambda _m, args, name=name: calls.append((name, args[0]))))  # fmt: skip
     try:
         block(probe.hidden[:1], **_slice_kwargs(probe.kwargs, 1))
     finally:
@@ -107,16 +254,17 @@ def sequential_groups(block: nn.Module, probe: BlockInput, names: list[str]) -> 
             h.remove()
     groups: list[list[str]] = []
     seen: set[str] = set()
-    last_ptr = None
-    for name, ptr in calls:
+    last = None
+    for name, x in calls:
         if name in seen:
             continue
         seen.add(name)
-        if groups and ptr == last_ptr:
+        same = last is not None and (x.data_ptr(), x.shape, x.stride()) == (last.data_ptr(), last.shape, last.stride())
+        if groups and same:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_ptr = ptr
+        last = x
     missing = wanted - seen
     if missing:  # never called in a forward (e.g. unused experts): quantize them last, on their own
         groups += [[n] for n in sorted(missing)]
@@ -138,12 +286,15 @@ def _slice_kwargs(kwargs: dict, b: int) -> dict:
 
 @torch.no_grad()
 def collect_inputs(block: nn.Module, inputs: list[BlockInput], module_names: list[str], on_input,
-                   stop_after: str | None = None) -> None:  # fmt: skip
+                   stop_after: str | None = None, cache: ReplayCache | None = None) -> None:  # fmt: skip
     """Call ``on_input(name, x)`` with the input of each named submodule, for every calibration batch.
 
-    With ``stop_after``, each forward ends as soon as that module has received its input.
+    With ``stop_after``, each forward ends as soon as that module has received its input. With ``cache``
+    (true-sequential passes only: every linear called before ``stop_after`` must be final), the cache's
+    modules are replayed and the outputs of the modules that finish before the stop are added to it.
     """
     handles = []
+    recorder = _Recorder(cache, inputs) if cache is not None and stop_after is not None else None
     for name, module in block.named_modules():
         if name in module_names:
 
@@ -153,12 +304,20 @@ def collect_inputs(block: nn.Module, inputs: list[BlockInput], module_names: lis
                     raise _Stop
 
             handles.append(module.register_forward_pre_hook(hook))
+        if recorder is not None and name in cache.once and not cache._covered(name):
+            handles.append(module.register_forward_hook(recorder.hook(name)))
     try:
-        for inp in inputs:
-            try:
-                block(inp.hidden, **inp.kwargs)
-            except _Stop:
-                pass
+        with _replaying(block, cache) as batch:
+            for i, inp in enumerate(inputs):
+                batch[0] = i
+                if recorder is not None:
+                    recorder.batch = i
+                try:
+                    block(inp.hidden, **inp.kwargs)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
+    if recorder is not None:
+        cache._admit(recorder.finished())

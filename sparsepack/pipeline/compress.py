@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,22 @@ from sparsepack.formats.pack import read_pack, write_pack
 from sparsepack.formats.shards import ShardWriter
 from sparsepack.layers.skeleton import empty_model, materialize_buffers
 from sparsepack.pipeline import gptq
-from sparsepack.pipeline.blocks import BlockInput, capture_block_inputs, collect_inputs, find_blocks, run_block
+from sparsepack.pipeline.blocks import (
+    BlockInput,
+    ReplayCache,
+    capture_block_inputs,
+    collect_inputs,
+    find_blocks,
+    run_block,
+)
 from sparsepack.pipeline.blocks import sequential_groups as discover_groups
 from sparsepack.runtime.loader import load_tensors
 from sparsepack.runtime.tokenizer import copy_tokenizer_files, load_tokenizer
+
+# Submodule outputs a true-sequential pass may keep for the next passes over the same block, as a multiple of
+# the block input's size (see blocks.ReplayCache): 1.0 keeps the norms and the attention (their recomputation
+# was about half the forward time on SmolLM2), not the MLP's 2-4x wider intermediates.
+REPLAY_MAX_RATIO = 1.0
 
 
 @dataclass
@@ -96,16 +109,46 @@ def check_quantizable(model: nn.Module, cfg: QuantConfig) -> tuple[str, nn.Modul
     return prefix, blocks
 
 
+@contextmanager
+def _cpu_threads(n: int, device: torch.device):
+    """Run the body with ``n`` intra-op CPU threads (no-op on other devices)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _quantize_weight(weight: torch.Tensor, H: torch.Tensor | None, inv, cfg: QuantConfig) -> gptq.QuantParams:
     if cfg.method == "rtn":
         return gptq.rtn_quantize_params(weight, cfg.bits, cfg.group_size, cfg.sym)
-    return gptq.gptq_quantize(weight, inv, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
-                              cfg.block_size, cfg.static_groups)  # fmt: skip
+    # The GPTQ loop is thousands of tiny ops: one thread. With two, every op pays an OpenMP fork/join, and
+    # when another job holds the cores each join waits for a descheduled thread: measured here, a 576x1536
+    # layer took 0.6-4.5 s with 2 threads beside a busy neighbour and 0.05-0.25 s with 1 (the same idle).
+    with _cpu_threads(1, weight.device):
+        return gptq.gptq_quantize(weight, inv, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
+                                  cfg.block_size, cfg.static_groups, cfg.group_aware)  # fmt: skip
+
+
+def _invert(H: torch.Tensor, cfg: QuantConfig) -> gptq.InverseHessian:
+    """One inversion shared by the layers of a group (they read the same input, so they have the same K)."""
+    K = H.shape[0]
+    group = K if cfg.group_size in (-1, 0) else cfg.group_size
+    return gptq.invert_hessian(H, cfg.damp, cfg.act_order, group if cfg.group_aware else 0)
 
 
 def _quantize_block(block: nn.Module, prefix: str, names: list[str], inputs: list[BlockInput] | None,
-                    cfg: QuantConfig, writer: ShardWriter, bar: tqdm) -> list[LayerReport]:  # fmt: skip
-    """Quantize ``names`` in ``block`` in place (weights replaced by their dequantized values)."""
+                    cfg: QuantConfig, writer: ShardWriter, bar: tqdm,
+                    cache: ReplayCache | None = None) -> list[LayerReport]:  # fmt: skip
+    """Quantize ``names`` in ``block`` in place (weights replaced by their dequantized values).
+
+    ``cache`` (true-sequential only) collects the outputs of submodules that are final after each group,
+    so the later passes over this block, :func:`run_block` included, replay them instead of recomputing.
+    """
     reports = []
     groups = [[n] for n in names] if inputs is None else discover_groups(block, inputs[0], names)
     hdtype = getattr(torch, cfg.hessian_dtype)
@@ -121,11 +164,12 @@ def _quantize_block(block: nn.Module, prefix: str, names: list[str], inputs: lis
         if inputs is not None:
             if cfg.true_sequential:
                 acc = accumulator(group[0])
-                collect_inputs(block, inputs, [group[0]], lambda _n, x: acc.add(x), stop_after=group[0])
+                collect_inputs(block, inputs, [group[0]], lambda _n, x, acc=acc: acc.add(x),
+                               stop_after=group[0], cache=cache)  # fmt: skip
                 H = acc.H
             else:
                 H = accs[group[0]].H
-        inv = gptq.invert_hessian(H, cfg.damp, cfg.act_order) if (H is not None and cfg.method == "gptq") else None
+        inv = _invert(H, cfg) if (H is not None and cfg.method == "gptq") else None
         for name in group:
             start = time.perf_counter()
             lin = block.get_submodule(name)
@@ -175,10 +219,11 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
     if cfg.method == "gptq":
         from sparsepack.pipeline.data import sample_windows
 
-        tokenizer = load_tokenizer(model_dir)
-        windows = sample_windows(tokenizer, cfg.calib, cfg.seqlen, cfg.nsamples, cfg.seed)
+        windows = sample_windows(load_tokenizer(model_dir), cfg.calib, cfg.seqlen, cfg.nsamples, cfg.seed)
         result.calib_windows = windows.shape[0]
         inputs = capture_block_inputs(model, blocks[0], windows, cfg.batch_size, device)
+    # Embeddings, final norm, head: not needed again until they are written (from the source) at the end.
+    _to_device_except(model, prefix, torch.device("meta"))
 
     def populate(tmp: Path) -> None:
         nonlocal inputs
@@ -193,21 +238,25 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
             block.to(device)
             bar.set_description(f"compress {block_prefix}")
             names = _targets(block, block_prefix, cfg)
+            cache = ReplayCache(block, inputs[0], REPLAY_MAX_RATIO) if inputs and cfg.true_sequential else None
             with torch.no_grad():
-                result.layers += _quantize_block(block, block_prefix, names, inputs, cfg, writer, bar)
+                result.layers += _quantize_block(block, block_prefix, names, inputs, cfg, writer, bar, cache)
                 for key, t in block.state_dict().items():
                     if key.rsplit(".", 1)[0] not in names:
                         writer.add(f"{block_prefix}.{key}", t.to(torch.float16))
                 if inputs is not None and i + 1 < len(blocks):
-                    outs = list(run_block(block, inputs))
-                    inputs = [BlockInput(o, inp.kwargs) for o, inp in zip(outs, inputs, strict=True)]
+                    # in place, batch by batch: the block's inputs and outputs never both live in full
+                    for j, out in enumerate(run_block(block, inputs, cache)):
+                        inputs[j] = BlockInput(out, inputs[j].kwargs)
+            del cache
             blocks[i] = block.to("meta")  # release the block's memory
             bar.update(1)
         bar.close()
+        inputs = None  # the activations are not needed for writing the rest
         tied = {"lm_head.weight"} if getattr(src.config, "tie_word_embeddings", False) else set()
         for key in sorted(outside):
             if key not in tied:
-                writer.add(key, model.state_dict()[key].to(torch.float16))
+                writer.add(key, load_tensors({key: outside[key]})[key].to(torch.float16))
         writer.close()
         result.bytes_written = writer.total_bytes
         config = src.config.to_dict()

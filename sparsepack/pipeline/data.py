@@ -115,6 +115,8 @@ def _cut_at_newlines(text: str, target: int) -> list[str]:
 
 def _read_text(path: Path, source: str) -> str:
     """Decode a file as UTF-8; DataError when it looks binary (a NUL early on, or invalid UTF-8)."""
+    if not path.is_file():  # a FIFO would block forever, /dev/zero would fill memory
+        raise DataError(f"{source}: {path} is not a regular file")
     raw = path.read_bytes()
     if b"\x00" in raw[:_BINARY_PROBE]:
         raise NotTextError(f"{source}: {path} is binary or not UTF-8 (NUL byte in the first 8 KiB)")
@@ -134,6 +136,8 @@ def _read_jsonl(path: Path, rel: str, source: str) -> list[Document]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # a number over the int digit limit, nesting too deep
+            raise DataError(f"{where}: malformed JSON ({type(e).__name__}: {str(e)[:100]})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         if isinstance(rec.get("text"), str):
@@ -294,6 +298,13 @@ def sample_windows(tokenizer, source: str, seqlen: int, n: int, seed: int) -> to
     if stream.numel() < seqlen + 1:
         raise DataError(
             f"{source}: {stream.numel()} tokens, need more than seqlen {seqlen} to sample windows"
+        )
+    distinct = stream.numel() // seqlen
+    if distinct < n:
+        warnings.warn(
+            f"{source}: {stream.numel()} tokens hold only {distinct} non-overlapping window(s) of {seqlen} tokens; "
+            f"the {n} windows drawn will overlap",
+            stacklevel=2,
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen, (n,), generator=gen)  # [n]
