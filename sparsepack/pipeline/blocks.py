@@ -5,8 +5,8 @@
   (hidden states plus the keyword arguments the model passes: masks, rotary embeddings, positions).
 - :func:`sequential_groups` discovers, by one probe forward, the order in which a block calls its linears
   and which of them read the same input tensor (q/k/v, gate/up): those share one Hessian.
-- :class:`ReplayCache` keeps the outputs of submodules that can no longer change (everything that finished
-  before a true-sequential pass stopped), so later passes over the same block skip recomputing them.
+- :class:`ReplayCache` keeps the outputs of the block's children that can no longer change (those that
+  finished before a true-sequential pass stopped), so later passes over the same block skip recomputing them.
 """
 
 from __future__ import annotations
@@ -116,29 +116,62 @@ def _nbytes(out) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _packed(entries: list[tuple[object, tuple[int, ...]]]) -> list[tuple[object, tuple[int, ...]]]:
+    """One module's per-batch outputs copied into one contiguous allocation per tuple position.
+
+    Recorded outputs sit wherever the forward allocated them, between its short-lived temporaries; holding them
+    across passes fragmented the heap (+180 MB RSS over 8 SmolLM2 blocks). One large allocation per module is
+    mmap-backed and goes back to the system when the block is done.
+    """
+    outs = [o for o, _ in entries]
+    single = isinstance(outs[0], torch.Tensor)
+    columns = [outs] if single else [list(col) for col in zip(*outs, strict=True)]
+    packed_columns = []
+    for col in columns:
+        if not all(isinstance(t, torch.Tensor) for t in col) or len({(t.dtype, t.device) for t in col}) != 1:
+            packed_columns.append(col)  # None placeholders (e.g. attention weights) or mixed kinds: as they are
+            continue
+        buf = torch.empty(sum(t.numel() for t in col), dtype=col[0].dtype, device=col[0].device)
+        views, offset = [], 0
+        for t in col:
+            views.append(buf[offset : offset + t.numel()].view(t.shape))
+            views[-1].copy_(t)
+            offset += t.numel()
+        packed_columns.append(views)
+    rows = packed_columns[0] if single else [tuple(row) for row in zip(*packed_columns, strict=True)]
+    return [(o, _versions(o)) for o in rows]
+
+
 class ReplayCache:
-    """Per-batch outputs of a block's submodules that are final, replayed instead of recomputed.
+    """Per-batch outputs of a block's direct children that are final, replayed instead of recomputed.
 
     True-sequential GPTQ runs the block once per sublayer group, each pass stopping at the group's first
-    linear with every earlier group already quantized. A submodule that *finished* before the pass stopped
-    (the input norm; q/k/v; later the whole attention) therefore saw only final weights: its output for that
-    batch can no longer change, and every later pass (the last one producing the next block's inputs
-    included) takes it from here. Valid only while that holds: the caller records only in passes whose
-    already-called linears are final. A module called more than once per batch is never cached. Outputs are
-    kept by reference with their in-place version counters: if anything downstream modified one in place, the
-    module is recomputed instead (so replay can never hand out a corrupted tensor), at no copying cost.
+    linear with every earlier group already quantized. A child that *finished* before the pass stopped (the
+    input norm; later the whole attention and the post-attention norm) therefore saw only final weights: its
+    output for that batch can no longer change, and every later pass (the last one producing the next block's
+    inputs included) takes it from here. Valid only while that holds: the caller records only in passes whose
+    already-called linears are final.
+
+    Only the block's direct children are candidates, and only those a full forward calls exactly once (a
+    pass that stops early cannot see a second call, so one probe forward decides): their outputs are
+    hidden-sized. Deeper modules (q/k/v) would hold more memory for little more speed (measured on SmolLM2:
+    caching every finished module took the same time per block and twice the memory). Outputs carry their
+    in-place version counters: if anything downstream modified one in place, that module is recomputed
+    instead, so a replay never hands out a corrupted tensor.
 
     Args:
+        block: the decoder block.
+        probe: one of its calibration inputs (the probe forward uses its first row).
         max_ratio: largest output kept, as a multiple of the block input's size (memory bound: 1.0 keeps
             hidden-sized outputs such as attention and norms, not the MLP's wide intermediate ones).
     """
 
     def __init__(self, block: nn.Module, probe: BlockInput, max_ratio: float = 1.0):
         self.max_ratio = max_ratio
-        # module name (relative to the block) -> per batch: (output, its tensors' versions when recorded)
+        # child name -> per batch: (output, its tensors' versions when stored)
         self.outputs: dict[str, list[tuple[object, tuple[int, ...]]]] = {}
         self.recomputed = 0  # replays refused because an output had been modified in place
-        self.once = _called_once(block, probe)  # a pass that stops early cannot see a second call: probe it
+        self.candidates = {n for n in _called_once(block, probe) if "." not in n}
 
     def nbytes(self) -> int:
         return sum(_nbytes(out) for entries in self.outputs.values() for out, _ in entries)
@@ -148,10 +181,11 @@ class ReplayCache:
         return any(name == r or name.startswith(r + ".") for r in self.outputs)
 
     def _admit(self, recorded: dict[str, list]) -> None:
-        self.outputs.update(recorded)
-        for name in list(self.outputs):  # a replayed ancestor makes its descendants' entries dead weight
-            if any(name.startswith(other + ".") for other in self.outputs):
-                del self.outputs[name]
+        for name in list(recorded):
+            entries = recorded.pop(name)  # pop: the scattered originals go as soon as they are copied
+            if all(_versions(out) == versions for out, versions in entries):
+                self.outputs[name] = _packed(entries)
+            # else: modified in place after it was returned (its recorded value is gone): never cached
 
     def _forward(self, module: nn.Module, entries: list, batch: list[int]):
         original = module.forward
@@ -209,8 +243,10 @@ class _Recorder:
         return keep
 
     def finished(self) -> dict[str, list]:
-        """Outputs recorded in every batch."""
-        return {n: e for n, e in self.entries.items() if len(e) == len(self.inputs)}
+        """Outputs recorded in every batch (handed over: the recorder lets go of all it holds)."""
+        done = {n: e for n, e in self.entries.items() if len(e) == len(self.inputs)}
+        self.entries = {}
+        return done
 
 
 class _replaying:
@@ -304,7 +340,7 @@ def collect_inputs(block: nn.Module, inputs: list[BlockInput], module_names: lis
                     raise _Stop
 
             handles.append(module.register_forward_pre_hook(hook))
-        if recorder is not None and name in cache.once and not cache._covered(name):
+        if recorder is not None and name in cache.candidates and not cache._covered(name):
             handles.append(module.register_forward_hook(recorder.hook(name)))
     try:
         with _replaying(block, cache) as batch:
