@@ -116,32 +116,6 @@ def _nbytes(out) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _packed(entries: list[tuple[object, tuple[int, ...]]]) -> list[tuple[object, tuple[int, ...]]]:
-    """One module's per-batch outputs copied into one contiguous allocation per tuple position.
-
-    Recorded outputs sit wherever the forward allocated them, between its short-lived temporaries; holding them
-    across passes fragmented the heap (+180 MB RSS over 8 SmolLM2 blocks). One large allocation per module is
-    mmap-backed and goes back to the system when the block is done.
-    """
-    outs = [o for o, _ in entries]
-    single = isinstance(outs[0], torch.Tensor)
-    columns = [outs] if single else [list(col) for col in zip(*outs, strict=True)]
-    packed_columns = []
-    for col in columns:
-        if not all(isinstance(t, torch.Tensor) for t in col) or len({(t.dtype, t.device) for t in col}) != 1:
-            packed_columns.append(col)  # None placeholders (e.g. attention weights) or mixed kinds: as they are
-            continue
-        buf = torch.empty(sum(t.numel() for t in col), dtype=col[0].dtype, device=col[0].device)
-        views, offset = [], 0
-        for t in col:
-            views.append(buf[offset : offset + t.numel()].view(t.shape))
-            views[-1].copy_(t)
-            offset += t.numel()
-        packed_columns.append(views)
-    rows = packed_columns[0] if single else [tuple(row) for row in zip(*packed_columns, strict=True)]
-    return [(o, _versions(o)) for o in rows]
-
-
 class ReplayCache:
     """Per-batch outputs of a block's direct children that are final, replayed instead of recomputed.
 
@@ -181,11 +155,10 @@ class ReplayCache:
         return any(name == r or name.startswith(r + ".") for r in self.outputs)
 
     def _admit(self, recorded: dict[str, list]) -> None:
-        for name in list(recorded):
-            entries = recorded.pop(name)  # pop: the scattered originals go as soon as they are copied
+        for name, entries in recorded.items():
+            # modified in place after it was returned (its recorded value is gone): never cached
             if all(_versions(out) == versions for out, versions in entries):
-                self.outputs[name] = _packed(entries)
-            # else: modified in place after it was returned (its recorded value is gone): never cached
+                self.outputs[name] = entries
 
     def _forward(self, module: nn.Module, entries: list, batch: list[int]):
         original = module.forward
