@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsepack.kernels import packing
+from sparsepack.kernels.dequant_matmul import dequantize_reference
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -143,11 +144,8 @@ def dequantize(
     bits: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """GPTQ-v1 tensors -> dense ``W [K, N]`` in ``dtype`` (reference implementation)."""
-    q = packing.unpack_rows(qweight, bits)  # (K, N)
-    zeros = packing.unpack_cols(qzeros, bits) + 1  # (G, N) true zeros
-    g = g_idx.long()
-    return (scales.to(dtype)[g] * (q.to(dtype) - zeros.to(dtype)[g])).to(dtype)
+    """GPTQ-v1 tensors -> dense ``W [K, N]`` in ``dtype`` (the kernels' plain-torch reference)."""
+    return dequantize_reference(qweight, qzeros, scales, g_idx, bits, dtype)
 
 
 def v2_to_v1_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
