@@ -63,3 +63,15 @@ class OutputExistsError(FormatError):
 
 class WriteError(FormatError):
     """Writing an output failed with an OS error (disk full, permissions, I/O); the output path is unchanged."""
+
+
+class CheckpointError(FormatError):
+    """A training checkpoint is missing, truncated, corrupt, or does not fit the run resuming from it."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """``--resume`` with settings that differ from the checkpoint's (also a ValueError, as before)."""
+
+
+class OutputBusyError(FormatError):
+    """Another live process is writing the same output (its checkpoint directory is locked)."""

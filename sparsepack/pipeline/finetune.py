@@ -42,13 +42,20 @@ def default_checkpoint_dir(out: Path) -> Path:
 def finetune(pack: str | Path, out: str | Path, cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
              checkpoint_dir: Path | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
     """Train adapter ``cfg.adapter`` on the base at ``pack``; write the result as a pack at ``out``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
+    with ckpt.exclusive(ckpt_dir):  # one run per output at a time: a second fails here with OutputBusyError
+        return _finetune_locked(pack, out, cfg, overwrite, resume, ckpt_dir, progress)
+
+
+def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: bool, resume: bool, ckpt_dir: Path,
+                     progress: bool) -> FinetuneResult:  # fmt: skip
     from sparsepack.pipeline.data import completion_examples, token_windows
     from sparsepack.runtime.loader import load
     from sparsepack.runtime.tokenizer import load_tokenizer
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
     model = load(pack, device=cfg.device, dtype=torch.float32)
     src: Pack = model.sparsepack.pack
     tokenizer = load_tokenizer(pack)
@@ -56,18 +63,13 @@ def finetune(pack: str | Path, out: str | Path, cfg: TrainConfig, overwrite: boo
     eval_windows = None
     if cfg.eval_data:
         eval_windows = token_windows(tokenizer, cfg.eval_data, cfg.seqlen, cfg.eval_windows)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
     resume_from = ckpt.latest_checkpoint(ckpt_dir) if resume else None
     if resume and resume_from is None:
-        warnings.warn(f"{ckpt_dir}: no checkpoint to resume from; starting from scratch", stacklevel=2)
-    if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from)[1]["config"]
-        changed = {k for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ("device", "save_every")}
-        if changed:
-            raise ValueError(f"{resume_from}: resuming needs the same settings; these differ: {sorted(changed)}")
-    elif ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # a fresh run: stale checkpoints and metrics of an earlier run must not mix in
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+        warnings.warn(f"{ckpt_dir}: no checkpoint to resume from; starting from scratch", stacklevel=3)
+    if resume_from is not None:  # CheckpointError on damage, CheckpointMismatchError (a ValueError) on changes
+        ckpt.check_settings(resume_from, ckpt.read_state(resume_from), cfg.to_dict())
+    else:
+        ckpt.clear(ckpt_dir)  # a fresh run: stale checkpoints and metrics of an earlier run must not mix in
 
     trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows)
     trainer.setup()

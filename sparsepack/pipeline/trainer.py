@@ -258,7 +258,7 @@ class Trainer:
         return tensors, meta
 
     def restore(self, path: Path) -> None:
-        tensors, meta = ckpt.load_checkpoint(path)
+        tensors, meta = ckpt.load_checkpoint(path, trainer=self)  # checked against this run before any use
         a = self.cfg.adapter
         for n, layer in self.layers.items():
             if f"{n}.A" in tensors:
