@@ -189,32 +189,42 @@ def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_di
 @click.option("--calib", default="stdlib:pydoc@train", show_default=True, help="Requantize: calibration SOURCE.")
 @click.option("--nsamples", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--seqlen", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--eval-data", "eval_data", multiple=True,
+              help="NAME=SOURCE: held-out data of adapter NAME for the perplexity report (repeat), or a SOURCE for "
+                   "every adapter; default: each adapter's finetune record, else stdlib:pydoc@eval.")
+@click.option("--eval-windows", default=16, show_default=True, type=click.IntRange(0),
+              help="Windows per adapter in the perplexity report (0: no report).")
+@click.option("--eval-seqlen", default=256, show_default=True, type=click.IntRange(2), help="Tokens per eval window.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float, ...], mode: str, dtype: str,
-          calib: str, nsamples: int, seqlen: int, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+          calib: str, nsamples: int, seqlen: int, eval_data: tuple[str, ...], eval_windows: int, eval_seqlen: int,
+          overwrite: bool, as_json: bool) -> None:  # fmt: skip
     """Fold adapters of PACK into the weights: a dense HF checkpoint, or a re-quantized GPTQ pack.
 
-    Requantize reuses the pack's own bits/group size/ordering and runs GPTQ on the merged weights.
+    Requantize reuses the pack's own GPTQ settings and runs GPTQ on the merged weights. The report gives the
+    perplexity of each adapter alone (unfused) and of the output on that adapter's held-out data; requantize
+    adds a naive round-to-nearest requantization of the same weights for comparison.
     """
-    from sparsepack.config import QuantConfig
+    from sparsepack.pipeline.merge import QualityConfig, quality_lines, requantize_config
     from sparsepack.pipeline.merge import merge as run_merge
 
     if weights and len(weights) != len(adapters):
         raise click.BadParameter(f"{len(weights)} --weight values for {len(adapters)} --adapter", param_hint="--weight")
     pairs = list(zip(adapters, weights or [1.0] * len(adapters), strict=True))
-    qcfg = None
-    if mode == "requantize":
-        from sparsepack.formats.pack import read_pack
-
-        q = read_pack(pack, verify=False, check_config=False).quant
-        if q is None:
-            raise click.BadParameter("the pack's base is not quantized; use --mode dense", param_hint="--mode")
-        qcfg = QuantConfig(bits=q["bits"], group_size=q["group_size"], act_order=q["desc_act"], sym=q["sym"],
-                           calib=calib, nsamples=nsamples, seqlen=seqlen)  # fmt: skip
-    res = run_merge(pack, out, pairs, mode=mode, dtype=dtype, qcfg=qcfg, overwrite=overwrite, progress=not as_json)
-    _emit(res.summary, as_json, f"wrote {out} ({mode}, adapters {pairs}) in {res.summary['seconds']:.1f} s")
+    named = dict(e.split("=", 1) for e in eval_data if "=" in e and e.split("=", 1)[0] in adapters)
+    plain = [e for e in eval_data if e.split("=", 1)[0] not in named]
+    if len(plain) > 1:
+        raise click.BadParameter("one SOURCE for all adapters, or NAME=SOURCE per adapter", param_hint="--eval-data")
+    quality = QualityConfig(eval_windows, eval_seqlen, sources=named, default=plain[0] if plain else None)
+    qcfg = requantize_config(pack, calib=calib, nsamples=nsamples, seqlen=seqlen) if mode == "requantize" else None
+    res = run_merge(pack, out, pairs, mode=mode, dtype=dtype, qcfg=qcfg, overwrite=overwrite, progress=not as_json,
+                    quality=quality)  # fmt: skip
+    lines = [f"wrote {out} ({mode}, adapters {pairs}) in {res.summary['seconds']:.1f} s"]
+    if "quality" in res.summary:
+        lines += ["perplexity on each adapter's held-out data:", *quality_lines(res.summary["quality"])]
+    _emit(res.summary, as_json, "\n".join(lines))
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -1,19 +1,32 @@
 """merge and the deployment-side adapter API: parity of merged vs unfused, exact unfuse, mixed batches."""
 
 import gc
+import json
+import subprocess
+import sys
 import weakref
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
 
 import sparsepack
 from sparsepack.config import QuantConfig
+from sparsepack.formats.adapter_layout import Adapter, AdapterModule
+from sparsepack.formats.manifest import StageRecord
 from sparsepack.formats.pack import read_pack
-from sparsepack.pipeline.merge import merge
+from sparsepack.layers.adapter_linear import SparseLowRankLinear
+from sparsepack.pipeline.data import token_windows
+from sparsepack.pipeline.evaluate import perplexity
+from sparsepack.pipeline.merge import QualityConfig, adapter_eval_source, merge
 from tests.factories import random_adapter, rtn_pack, tiny_llama
+from tests.helpers_tokenizer import tiny_tokenizer
 
 IDS = torch.randint(0, 320, (3, 12), generator=torch.Generator().manual_seed(0))
+CORPORA = {  # each adapter's own held-out text (recorded as its finetune eval_data)
+    "a": "\n".join(f"line {i}: the quick brown fox jumps over {i * 3}" for i in range(300)),
+    "b": "\n".join(f"for x in range({i}): print(x * {i % 7})  # sparse plus low-rank" for i in range(300)),
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +34,20 @@ def packs(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge")
     m = tiny_llama()
     ads = {"a": random_adapter(m, seed=1), "b": random_adapter(m, seed=2, rank=2, density=0.02)}
-    q, _ = rtn_pack(m, d / "q", adapters=ads)
-    # a dense-base pack: the same adapters on the fp32 model (a plain HF dir + adapters via finetune's writer)
-    from sparsepack.formats.manifest import StageRecord
+    rtn_pack(m, d / "q", adapters=ads)
+    for name, text in CORPORA.items():
+        (d / f"{name}.txt").write_text(text)
+    # the same adapters again, with the finetune records a trained pack carries (they name each adapter's data)
     from sparsepack.pipeline.finetune import write_adapter_pack
     from tests.factories import save_hf
 
-    save_hf(m, d / "hf")
-    src = read_pack(d / "hf")
-    write_adapter_pack(src, d / "dense_a", "a", ads["a"], StageRecord("test", {}))
+    def record(name):
+        return StageRecord("finetune", {"adapter": name, "data": "x@train", "eval_data": str(d / f"{name}.txt")})
+
+    write_adapter_pack(read_pack(d / "q"), d / "q_a", "a", ads["a"], record("a"))
+    write_adapter_pack(read_pack(d / "q_a"), d / "qr", "b", ads["b"], record("b"))
+    save_hf(m, d / "hf")  # a dense-base pack: the same adapters on the fp32 model
+    write_adapter_pack(read_pack(d / "hf"), d / "dense_a", "a", ads["a"], StageRecord("test", {}))
     write_adapter_pack(read_pack(d / "dense_a"), d / "dense", "b", ads["b"], StageRecord("test", {}))
     return d
 
@@ -39,11 +57,33 @@ def logits(model, **kw):
         return model(IDS, **kw).logits
 
 
+# Run in a child whose import system refuses sparsepack: the merged checkpoint must need nothing of ours.
+PLAIN_LOAD = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "sparsepack":
+            raise ImportError("sparsepack must not be imported here")
+sys.meta_path.insert(0, Refuse())
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    out = model(torch.tensor(eval(sys.argv[2]))).logits
+assert not [m for m in sys.modules if m.startswith("sparsepack")]
+save_file({"logits": out.contiguous()}, sys.argv[3])
+"""
+
+
 def test_dense_merge_equals_unfused_and_loads_in_plain_transformers(packs, tmp_path):
     merge(packs / "q", tmp_path / "m", [("a", 1.0)], dtype="float32")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "m"), repr(IDS.tolist()), str(tmp_path / "l")],
+                   check=True, cwd=tmp_path)  # fmt: skip
+    plain = load_file(str(tmp_path / "l"))["logits"]
     ours = sparsepack.load(packs / "q", adapter="a")
-    torch.testing.assert_close(logits(plain), logits(ours), atol=1e-4, rtol=0)
+    torch.testing.assert_close(plain, logits(ours), atol=1e-4, rtol=0)
+    assert (plain - logits(sparsepack.load(packs / "q"))).abs().max() > 1e-2  # the adapter is in there
 
 
 def test_weighted_fusion_equals_both_adapters_scaled(packs, tmp_path):
@@ -61,25 +101,68 @@ def test_weighted_fusion_equals_both_adapters_scaled(packs, tmp_path):
     torch.testing.assert_close(logits(fused), logits(ours), atol=1e-4, rtol=0)
 
 
-def test_requantize_yields_a_valid_pack_close_to_unfused(packs, tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(f"line {i}: the quick brown fox jumps over {i * 3}" for i in range(300)))
+def _ppl(model, source, seqlen=32, n=4):
+    return perplexity(model, token_windows(tiny_tokenizer(), source, seqlen, n), progress=False).perplexity
+
+
+def test_weighted_fusion_reports_perplexity_on_each_adapters_own_data(packs, tmp_path):
+    q = QualityConfig(windows=4, seqlen=32)
+    res = merge(packs / "qr", tmp_path / "m", [("a", 0.5), ("b", 1.0)], dtype="float32", quality=q)
+    rows = {r["adapter"]: r for r in res.summary["quality"]["evals"]}
+    assert sorted(rows) == ["a", "b"]
+    fused = sparsepack.load(tmp_path / "m")
+    for name in ("a", "b"):
+        data = str(packs / f"{name}.txt")
+        assert rows[name]["data"] == data and rows[name]["data_from"] == "finetune eval_data"
+        # every figure is the perplexity an independent evaluation of that model on that data gives
+        assert rows[name]["alone"] == pytest.approx(_ppl(sparsepack.load(packs / "qr", adapter=name), data), rel=1e-6)
+        assert rows[name]["base"] == pytest.approx(_ppl(sparsepack.load(packs / "qr"), data), rel=1e-6)
+        assert rows[name]["merged"] == pytest.approx(_ppl(fused, data), rel=1e-6)
+        assert rows[name]["merged_vs_alone"] == pytest.approx(rows[name]["merged"] / rows[name]["alone"] - 1)
+    assert rows["a"]["base"] != pytest.approx(rows["b"]["base"], rel=1e-3)  # two different eval sets
+
+
+def test_adapter_eval_source_from_the_finetune_record(packs):
+    manifest = read_pack(packs / "qr").manifest
+    assert adapter_eval_source(manifest, "a") == (str(packs / "a.txt"), "finetune eval_data")
+    manifest.history.append(StageRecord("finetune", {"adapter": "c", "data": "stdlib:pydoc@train"}))
+    manifest.history.append(StageRecord("finetune", {"adapter": "d", "data": "corpus.txt"}))
+    assert adapter_eval_source(manifest, "c") == ("stdlib:pydoc@eval", "finetune data, @eval split")
+    assert adapter_eval_source(manifest, "d") == ("corpus.txt@eval", "finetune data, @eval split")
+    assert adapter_eval_source(manifest, "zzz") is None
+
+
+def test_requantize_yields_a_valid_pack_and_reports_cost_vs_unfused_and_rtn(packs, tmp_path):
+    corpus = packs / "a.txt"
     cfg = QuantConfig(bits=4, group_size=32, calib=str(corpus), nsamples=8, seqlen=32)
-    res = merge(packs / "q", tmp_path / "rq", [("a", 1.0)], mode="requantize", qcfg=cfg)
+    q = QualityConfig(windows=4, seqlen=32, default=str(corpus))
+    res = merge(packs / "q", tmp_path / "rq", [("a", 1.0)], mode="requantize", qcfg=cfg, quality=q)
     pack = read_pack(tmp_path / "rq")
     assert pack.quant["bits"] == 4 and res.summary["compress"]["layers"] == 14
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "rq"]  # temporary dense merge removed
-    # GPTQ's error compensation keeps the re-quantized model closer to the unfused one than naive RTN does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rq"]  # temporary dense merge and RTN pack removed
+    # the report's naive peer is exactly an RTN requantization of the same merged weights
     merge(packs / "q", tmp_path / "rtn", [("a", 1.0)], mode="requantize", qcfg=QuantConfig(
         bits=4, group_size=32, method="rtn"))  # fmt: skip
-    from sparsepack.pipeline.data import token_windows
-    from tests.helpers_tokenizer import tiny_tokenizer
-
+    (row,) = res.summary["quality"]["evals"]
+    assert row["data_from"] == "default (no finetune record)"
+    assert row["alone"] == pytest.approx(_ppl(sparsepack.load(packs / "q", adapter="a"), str(corpus)), rel=1e-6)
+    assert row["merged"] == pytest.approx(_ppl(sparsepack.load(tmp_path / "rq"), str(corpus)), rel=1e-6)
+    assert row["rtn"] == pytest.approx(_ppl(sparsepack.load(tmp_path / "rtn"), str(corpus)), rel=1e-6)
+    # GPTQ's error compensation keeps the re-quantized model closer to the unfused one than naive RTN does
     ids = token_windows(tiny_tokenizer(), str(corpus), 32, 4)
     with torch.no_grad():
         ref = sparsepack.load(packs / "q", adapter="a")(ids).logits
         err = {k: float((sparsepack.load(tmp_path / k)(ids).logits - ref).norm() / ref.norm()) for k in ("rq", "rtn")}
     assert err["rq"] < err["rtn"], err
+
+
+def test_requantize_reuses_the_packs_recorded_gptq_settings(packs, tmp_path):
+    from sparsepack.pipeline.merge import requantize_config
+
+    cfg = requantize_config(packs / "q", nsamples=4)
+    assert (cfg.bits, cfg.group_size, cfg.method, cfg.nsamples) == (4, 32, "gptq", 4)
+    with pytest.raises(ValueError, match="not quantized"):
+        requantize_config(packs / "hf")
 
 
 def test_mixed_batch_equals_each_row_alone(packs):
@@ -90,6 +173,20 @@ def test_mixed_batch_equals_each_row_alone(packs):
         torch.testing.assert_close(mixed[i], logits(model)[i], atol=1e-5, rtol=0)
     with pytest.raises(KeyError, match="unknown adapter"):
         logits(model, adapter_names=["zzz", None, None])
+    with pytest.raises(ValueError, match="adapter_names has 2 entries for a batch of 3"):
+        logits(model, adapter_names=["a", "b"])
+
+
+def test_mixed_batch_generate_equals_each_row_alone(packs):
+    model = sparsepack.load(packs / "q")
+    prompts = IDS[:, :5]
+    rows = ["b", "a", None]
+    mixed = model.generate(prompts, adapter_names=rows, max_new_tokens=5, do_sample=False)
+    for i, name in enumerate(rows):
+        model.set_adapter(name)
+        alone = model.generate(prompts[i : i + 1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(mixed[i : i + 1], alone), (name, mixed[i], alone)
+    assert not torch.equal(mixed[0], mixed[1][: mixed.shape[1]]) or rows[0] == rows[1]
 
 
 def test_fuse_unfuse_restores_the_base_bit_for_bit(packs):
@@ -101,9 +198,34 @@ def test_fuse_unfuse_restores_the_base_bit_for_bit(packs):
     assert model.active_adapters == []
     torch.testing.assert_close(logits(model), unfused, atol=1e-5, rtol=0)
     model.fuse("b")  # switching unfuses a first
+    model.set_adapter("b")  # as does activating an adapter: never fused and active at once
+    assert not any(layer.fused for layer in model.modules() if isinstance(layer, SparseLowRankLinear))
     model.unfuse()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fuse_sparse_only_adapter_scatters_and_restores_exactly(packs):
+    model = sparsepack.load(packs / "dense")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = logits(model)
+    sparse_only = Adapter({n: AdapterModule(shape=m.shape, values=m.values * 5, row_ptr=m.row_ptr, col_idx=m.col_idx)
+                           for n, m in random_adapter(tiny_llama(), seed=3, density=0.1).modules.items()})  # fmt: skip
+    from sparsepack.layers.inject import attach_adapter
+
+    attach_adapter(model, "s", sparse_only)
+    model.set_adapter("s")
+    unfused = logits(model)
+    assert (unfused - ref).abs().max() > 1e-2
+    model.fuse("s")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer._unfuse[0] == "sparse"  # only the nnz originals are kept, not a copy of the weight
+    torch.testing.assert_close(logits(model), unfused, atol=1e-5, rtol=0)
+    model.unfuse()
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items() if k in base)
+    with pytest.raises(TypeError, match="dense base"):
+        sparsepack.load(packs / "q").fuse("a")
 
 
 def test_load_switch_and_delete_adapter_releases_tensors(packs):
@@ -115,21 +237,41 @@ def test_load_switch_and_delete_adapter_releases_tensors(packs):
     model.set_adapter("b2")
     reference = sparsepack.load(packs / "q", adapter="b")
     torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=0)
-    refs = [weakref.ref(p) for layer in model.modules() if hasattr(layer, "lora_A") and "b2" in layer.lora_A
-            for p in (layer.lora_A["b2"], layer.lora_B["b2"])]  # fmt: skip
-    assert refs
+    logits(model, adapter_names=["b2", "a", None])  # the mixed path and the transposed-support cache used too
+    model.set_adapter("b2")
+    trained = [p for n, p in model.named_parameters() if n.endswith(".b2")]
+    for p in trained:
+        p.requires_grad_(True)
+    model(IDS).logits.sum().backward()  # gradients (and the transposed-support cache) exist too
+    assert all(p.grad is not None for p in trained)
+    del trained, p
+    refs = []
+    for layer in model.modules():
+        if isinstance(layer, SparseLowRankLinear) and "b2" in layer.adapter_names:
+            s = layer.supports["b2"]
+            refs += [weakref.ref(t) for t in (layer.lora_A["b2"], layer.lora_B["b2"], layer.sparse_values["b2"],
+                                              s.row_ptr, s.col_idx, s.row_idx)]  # fmt: skip
+    del layer, s
+    assert len(refs) == 6 * 6  # q, v, down in both blocks
+    with pytest.raises(ValueError, match="already loaded"):
+        model.load_adapter(packs / "q", name="b2", adapter="b")
     model.delete_adapter("b2")
     gc.collect()
-    assert all(r() is None for r in refs)  # no live references left
-    assert model.active_adapters == []
+    assert [r() for r in refs if r() is not None] == []  # no live references left
+    assert model.active_adapters == [] and model.adapters == ["a"]
+    with pytest.raises(KeyError, match="unknown adapter"):
+        model.delete_adapter("b2")
 
 
-def test_cli_merge_unknown_adapter(packs, tmp_path):
+def test_cli_merge_unknown_adapter_and_json_report(packs, tmp_path):
     from click.testing import CliRunner
 
     from sparsepack.cli import main
 
     r = CliRunner().invoke(main, ["merge", str(packs / "q"), "-o", str(tmp_path / "m"), "--adapter", "nope"])
     assert r.exit_code == 1 and "unknown adapter" in r.output and not (tmp_path / "m").exists()
-    ok = CliRunner().invoke(main, ["merge", str(packs / "q"), "-o", str(tmp_path / "m"), "--adapter", "a", "--json"])
+    ok = CliRunner().invoke(main, ["merge", str(packs / "qr"), "-o", str(tmp_path / "m"), "--adapter", "a", "--json",
+                                   "--eval-windows", "2", "--eval-seqlen", "16"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
+    (row,) = json.loads(ok.output)["quality"]["evals"]
+    assert row["adapter"] == "a" and row["data"] == str(packs / "a.txt") and row["merged"] > 1

@@ -1,4 +1,4 @@
-"""merge: fold one or several weighted corrections into the base.
+"""merge: fold one or several weighted corrections into the base, and measure what folding costs.
 
 - ``dense``: a plain Hugging Face checkpoint (fp16 by default) with ``W = dequant(W_q) + sum_k w_k * dW_k`` in
   every corrected linear; it loads in transformers without sparsepack.
@@ -8,6 +8,10 @@
 
 Several adapters fuse by weighted sum of their dense corrections: sparse parts add on the union of their
 supports and low-rank parts add (equivalently, concatenate along r).
+
+The quality report (``summary["quality"]``) scores every adapter on its own held-out data: the base alone,
+the adapter alone (unfused, weight 1), and the merged output; in requantize mode also a naive
+round-to-nearest requantization of the same merged weights, so GPTQ's error compensation is measured.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +34,24 @@ from sparsepack.layers.quantized_linear import QuantizedLinear
 from sparsepack.runtime.tokenizer import copy_tokenizer_files
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_EVAL = "stdlib:pydoc@eval"  # held-out text for adapters whose pack records no training data
 
 
 @dataclass
 class MergeResult:
     path: Path
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QualityConfig:
+    """Perplexity report of a merge (``windows=0`` skips it)."""
+
+    windows: int = 16  # held-out windows per adapter's eval data
+    seqlen: int = 256  # tokens per window
+    sources: dict[str, str] = field(default_factory=dict)  # adapter name -> eval SOURCE (overrides the records)
+    default: str | None = None  # eval SOURCE for adapters with neither an entry in `sources` nor a record
+    batch_size: int = 4
 
 
 def _linear_weight(module: torch.nn.Module, weights: list[tuple[str, float]]) -> torch.Tensor:
@@ -80,16 +96,48 @@ def merged_state_dict(model: torch.nn.Module, weights: list[tuple[str, float]], 
     return {k: v.contiguous() for k, v in out.items()}, config
 
 
+def requantize_config(pack: str | Path, **overrides: Any):
+    """The :class:`QuantConfig` that re-quantizes ``pack``'s merged weights on its own grid.
+
+    The pack's last ``compress`` record gives every GPTQ setting (damp, ordering, skip, ...); a pack without
+    one (a foreign GPTQ checkpoint) gives bits, group size, act-order and symmetry from its quantization
+    config. ``overrides`` (calib, nsamples, seqlen, ...) win.
+    """
+    import dataclasses
+
+    from sparsepack.config import QuantConfig
+    from sparsepack.formats.pack import read_pack
+
+    src = read_pack(Path(pack), verify=False, check_config=False)
+    q = src.quant
+    if q is None:
+        raise ValueError(f"{pack}: the base is not quantized; use --mode dense")
+    known = {f.name for f in dataclasses.fields(QuantConfig)}
+    kw: dict[str, Any] = {"bits": q["bits"], "group_size": q["group_size"], "act_order": q["desc_act"], "sym": q["sym"]}
+    record = next((r for r in reversed(src.manifest.history) if r.stage == "compress"), None)
+    own = known - {"method", "device", "calib", "nsamples", "seqlen", "seed"}  # always GPTQ, on the given data
+    if record is not None:
+        kw.update({k: v for k, v in record.args.items() if k in own})
+    kw.update(overrides)
+    return QuantConfig(**kw)
+
+
 def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], mode: str = "dense",
-          dtype: str = "float16", qcfg=None, overwrite: bool = False,
-          progress: bool = True) -> MergeResult:  # fmt: skip
-    """Fold ``adapters`` (name, weight) of ``pack`` into a dense checkpoint or a re-quantized pack at ``out``."""
+          dtype: str = "float16", qcfg=None, overwrite: bool = False, progress: bool = True,
+          quality: QualityConfig | None = None) -> MergeResult:  # fmt: skip
+    """Fold ``adapters`` (name, weight) of ``pack`` into a dense checkpoint or a re-quantized pack at ``out``.
+
+    Args:
+        quality: the perplexity report (None: no report). It runs after ``out`` is written.
+    """
     from sparsepack.runtime.loader import load
 
     if mode not in ("dense", "requantize"):
         raise ValueError(f"--mode must be dense or requantize, got {mode!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if mode == "requantize" and qcfg is None:
+        raise ValueError("--mode requantize needs a quantization config (the pack's own, see the CLI)")
     out = Path(out)
     if out.exists() and not overwrite:
         from sparsepack.formats.errors import OutputExistsError
@@ -102,9 +150,13 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
         raise KeyError(f"{pack}: unknown adapter(s) {unknown}; the pack has {model.adapters}")
     src = model.sparsepack.pack
     record = StageRecord("merge", {"adapters": adapters, "mode": mode, "dtype": dtype})
+    summary: dict[str, Any] = {"path": str(out), "mode": mode, "adapters": adapters}
     if mode == "dense":
         _write_dense(model, src, out, adapters, DTYPES[dtype], record, overwrite)
-        return MergeResult(out, {"path": str(out), "mode": mode, "seconds": time.perf_counter() - start})
+        summary["seconds"] = time.perf_counter() - start
+        if quality is not None and quality.windows:
+            summary["quality"] = merge_quality(model, {"merged": load(out)}, adapters, quality)
+        return MergeResult(out, summary)
     from sparsepack.pipeline.compress import compress
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense-", dir=out.absolute().parent))
@@ -112,10 +164,16 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
         _write_dense(model, src, tmp / "m", adapters, torch.float32, record, overwrite=False)
         del model
         res = compress(tmp / "m", out, qcfg, overwrite=overwrite, progress=progress)
+        summary.update(seconds=time.perf_counter() - start, compress=res.summary())
+        if quality is not None and quality.windows:
+            # the naive peer: the same merged weights rounded to nearest on the same grid (no calibration)
+            rtn = compress(tmp / "m", tmp / "rtn", replace(qcfg, method="rtn", act_order=False, group_aware=False),
+                           progress=False)  # fmt: skip
+            summary["quality"] = merge_quality(load(pack), {"merged": load(out), "rtn": load(rtn.path)}, adapters,
+                                               quality)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return MergeResult(out, {"path": str(out), "mode": mode, "seconds": time.perf_counter() - start,
-                             "compress": res.summary()})  # fmt: skip
+    return MergeResult(out, summary)
 
 
 def _write_dense(model, src, out: Path, adapters, dtype, record: StageRecord, overwrite: bool) -> None:
@@ -128,3 +186,85 @@ def _write_dense(model, src, out: Path, adapters, dtype, record: StageRecord, ov
         copy_tokenizer_files(src.path, tmp)
         record_files(tmp, manifest)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ quality
+
+
+def _eval_split(source: str) -> str:
+    """The held-out split of a training SOURCE (``x@train`` -> ``x@eval``, plain ``x`` -> ``x@eval``)."""
+    from sparsepack.pipeline.data import _parse_source
+
+    base, split = _parse_source(source)
+    return source if split == "eval" else f"{base}@eval"
+
+
+def adapter_eval_source(manifest: Manifest, name: str) -> tuple[str, str] | None:
+    """``(SOURCE, origin)`` of adapter ``name``'s own held-out data, from the pack's finetune record.
+
+    The record's ``eval_data`` when training had one, else the ``@eval`` split of its training ``data``;
+    None when the pack holds no finetune record for ``name`` (adapters imported or built elsewhere).
+    """
+    for rec in reversed(manifest.history):
+        if rec.stage == "finetune" and rec.args.get("adapter") == name:
+            if rec.args.get("eval_data"):
+                return rec.args["eval_data"], "finetune eval_data"
+            if rec.args.get("data"):
+                return _eval_split(rec.args["data"]), "finetune data, @eval split"
+    return None
+
+
+def merge_quality(source: torch.nn.Module, outputs: dict[str, torch.nn.Module], adapters: list[tuple[str, float]],
+                  cfg: QualityConfig) -> dict[str, Any]:  # fmt: skip
+    """Perplexity of the base, each adapter alone (unfused) and every merged output, on each adapter's data.
+
+    Args:
+        source: the loaded source pack (its adapters are switched here).
+        outputs: label -> loaded merged model (``merged``; ``rtn`` for the naive requantization).
+
+    Returns:
+        ``{"windows", "seqlen", "evals": [{adapter, weight, data, data_from, base, alone, <label>...,
+        <label>_vs_alone}]}``; ``<label>_vs_alone`` is the relative perplexity change (0.02 = +2%).
+    """
+    from sparsepack.pipeline.data import token_windows
+    from sparsepack.pipeline.evaluate import perplexity
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    pack = source.sparsepack.pack
+    tokenizer = load_tokenizer(pack.path)
+    evals = []
+
+    def ppl(model: torch.nn.Module, windows: torch.Tensor) -> float:
+        return perplexity(model, windows, batch_size=cfg.batch_size, progress=False).perplexity
+
+    for name, weight in adapters:
+        found = adapter_eval_source(pack.manifest, name)
+        if name in cfg.sources:
+            data, origin = cfg.sources[name], "given"
+        elif found is not None:
+            data, origin = found
+        else:
+            data, origin = cfg.default or DEFAULT_EVAL, "default (no finetune record)"
+        windows = token_windows(tokenizer, data, cfg.seqlen, cfg.windows)
+        row: dict[str, Any] = {"adapter": name, "weight": weight, "data": data, "data_from": origin,
+                               "windows": windows.shape[0]}  # fmt: skip
+        source.set_adapter(None)
+        row["base"] = ppl(source, windows)
+        source.set_adapter(name)
+        row["alone"] = ppl(source, windows)
+        for label, model in outputs.items():
+            row[label] = ppl(model, windows)
+            row[f"{label}_vs_alone"] = row[label] / row["alone"] - 1
+        evals.append(row)
+    source.set_adapter(None)
+    return {"windows": cfg.windows, "seqlen": cfg.seqlen, "evals": evals}
+
+
+def quality_lines(quality: dict[str, Any]) -> list[str]:
+    """The report as text lines (one per adapter) for the CLI."""
+    lines = []
+    for r in quality["evals"]:
+        extra = "".join(f", {k} {r[k]:.4f} ({r[k + '_vs_alone']:+.2%})" for k in ("merged", "rtn") if k in r)
+        lines.append(f"  {r['adapter']} (weight {r['weight']:g}) on {r['data']} [{r['data_from']}]: "
+                     f"base {r['base']:.4f}, alone {r['alone']:.4f}{extra}")  # fmt: skip
+    return lines
