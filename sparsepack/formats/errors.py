@@ -75,3 +75,7 @@ class CheckpointMismatchError(CheckpointError, ValueError):
 
 class OutputBusyError(FormatError):
     """Another live process is writing the same output (its checkpoint directory is locked)."""
+
+
+class OnnxFormatError(FormatError):
+    """An ONNX export's graph, external data or ``.onnx_adapter`` file is unreadable or inconsistent."""

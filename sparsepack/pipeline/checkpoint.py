@@ -319,6 +319,9 @@ def check_fits(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any
               f"{t.dtype} {list(t.shape)} != expected {dtype} {list(shape)}", file, key)  # fmt: skip
     extra = sorted(set(tensors) - set(expected))
     _want(not extra, f"{len(extra)} tensors this run does not have", file, extra[0] if extra else None)
+    for key, (_shape, dtype) in expected.items():
+        if dtype == torch.float32:
+            _want(bool(torch.isfinite(tensors[key]).all()), "holds NaN or infinite values", file, key)
     for n, layer in trainer.layers.items():
         if f"{n}.row_ptr" not in tensors:
             continue

@@ -15,11 +15,149 @@ from typing import Any
 
 import numpy as np
 
-from sparsepack.formats.errors import ConfigError, MissingFileError
+from sparsepack.formats.errors import ConfigError, ManifestError, MissingFileError, OnnxFormatError, ShapeError
 
 METADATA_FILE = "sparsepack_onnx.json"
 FORMAT = "sparsepack-onnx"
 FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 16 << 20
+MAX_TENSOR_BYTES = 1 << 40  # a declared tensor size above this is refused outright
+
+
+# ------------------------------------------------------------------------------------------------ checks
+# An export directory is input like a pack: nothing in it is trusted. Metadata, graph and adapter files are checked
+# (paths inside DIR, sizes against the files, shapes against the graph) before onnxruntime reads them, so a
+# hostile or damaged export fails with a typed FormatError naming the file, and nothing outside DIR is read.
+
+
+def read_export_metadata(root: Path) -> dict:
+    """``sparsepack_onnx.json`` of export ``root``, with types, ranges and paths checked."""
+    from sparsepack.formats.adapter_layout import validate_adapter_name
+    from sparsepack.formats.pack import check_links, safe_child
+
+    if not root.is_dir():
+        raise MissingFileError("no such export directory", root)
+    check_links(root)  # UnsafePathError: a symlink out of DIR, broken or looping
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise MissingFileError(f"not an ONNX export (no {METADATA_FILE})", root)
+    try:
+        if meta_path.stat().st_size > MAX_METADATA_BYTES:
+            raise ManifestError(f"larger than {MAX_METADATA_BYTES} bytes", meta_path)
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise ManifestError(f"unreadable ({type(e).__name__}: {e})", meta_path) from None
+    if not isinstance(meta, dict):
+        raise ManifestError("not a JSON object", meta_path)
+    version = meta.get("format_version", 0)
+    if meta.get("format") != FORMAT or type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ConfigError(f"unsupported export format {meta.get('format')!r:.40} v{version!r:.20}", meta_path)
+
+    def bad(field: str, want: str) -> ManifestError:
+        return ManifestError(f"field {field!r} must be {want}, got {meta.get(field)!r:.80}", meta_path)
+
+    if not isinstance(meta.get("model"), str):
+        raise bad("model", "a file name")
+    model = safe_child(root, meta["model"])
+    if not model.is_file():
+        raise MissingFileError("graph file named by the metadata is absent", model)
+    if type(meta.get("kv_cache")) is not bool:
+        raise bad("kv_cache", "true or false")
+    layout = meta.get("layout")
+    keys = ("num_layers", "num_kv_heads", "head_dim")
+    if not isinstance(layout, dict) or not all(type(layout.get(k)) is int and 1 <= layout[k] <= 2**16 for k in keys):
+        raise bad("layout", f"an object of {', '.join(keys)} (integers in [1, 65536])")
+    adapters = meta.get("adapters", {})
+    if not isinstance(adapters, dict) or not all(isinstance(v, str) for v in adapters.values()):
+        raise bad("adapters", "an object mapping adapter names to files")
+    for name, rel in adapters.items():
+        validate_adapter_name(name)
+        path = safe_child(root, rel)
+        if not path.is_file():
+            raise MissingFileError(f"adapter {name!r} file is absent", path)
+    for key in ("eos_token_id", "pad_token_id", "vocab_size"):
+        if meta.get(key) is not None and (type(meta[key]) is not int or not 0 <= meta[key] < 2**31):
+            raise bad(key, "a non-negative integer or null")
+    return meta
+
+
+def check_graph(root: Path, model: Path) -> dict[str, tuple[int, list[int | None]]]:
+    """Parse ``model`` (without its external data) and check every external-data reference and tensor size.
+
+    Returns the graph inputs as ``name -> (element type, dims)`` (None for a symbolic dim).
+    """
+    import onnx
+    from onnx import TensorProto, external_data_helper, helper
+
+    from sparsepack.formats.pack import safe_child
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf DecodeError, RecursionError, ValueError...
+        raise OnnxFormatError(f"not a readable ONNX graph ({type(e).__name__}: {str(e)[:200]})", model) from None
+    sizes: dict[Path, int] = {}
+    for t in external_data_helper._get_all_tensors(proto):
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise OnnxFormatError(f"unknown data type {t.data_type}", model, t.name) from None
+        if any(d < 0 for d in t.dims):
+            raise OnnxFormatError(f"negative dimension in {list(t.dims)}", model, t.name)
+        nbytes = itemsize
+        for d in t.dims:
+            nbytes *= d
+            if nbytes > MAX_TENSOR_BYTES:
+                raise OnnxFormatError(f"declared shape {list(t.dims)} is larger than {MAX_TENSOR_BYTES} bytes",
+                                      model, t.name)  # fmt: skip
+        if t.data_location != TensorProto.EXTERNAL:
+            if t.HasField("raw_data") and len(t.raw_data) != nbytes:
+                raise OnnxFormatError(f"shape {list(t.dims)} needs {nbytes} bytes, raw data holds "
+                                      f"{len(t.raw_data)}", model, t.name)  # fmt: skip
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = safe_child(root, info.get("location", ""))  # UnsafePathError: '..', absolute, symlink out
+        try:
+            offset, length = int(info.get("offset", "0")), int(info.get("length", str(nbytes)))
+        except ValueError:
+            raise OnnxFormatError(f"external data offset/length not integers: {info}", model, t.name) from None
+        if location not in sizes:
+            if not location.is_file():
+                raise MissingFileError("external data file is absent", location)
+            sizes[location] = location.stat().st_size
+        if offset < 0 or length != nbytes or offset + length > sizes[location]:
+            msg = (f"external data [{offset}, +{length}) for shape {list(t.dims)} ({nbytes} bytes) does not fit "
+                   f"in {location.name} ({sizes[location]} bytes)")  # fmt: skip
+            raise OnnxFormatError(msg, model, t.name)
+    inputs = {}
+    for i in proto.graph.input:
+        tt = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        inputs[i.name] = (tt.elem_type, dims)
+    return inputs
+
+
+ORT_TYPES = {"tensor(float)": 1, "tensor(uint8)": 2, "tensor(int8)": 3, "tensor(int32)": 6, "tensor(int64)": 7,
+             "tensor(float16)": 10, "tensor(double)": 11, "tensor(bfloat16)": 16}  # fmt: skip
+
+
+def check_adapter_file(path: Path, inputs: dict[str, tuple[int, list[int | None]]]) -> None:
+    """An ``.onnx_adapter`` file must parse and set only adapter inputs of the graph, with their type and shape."""
+    import onnxruntime as ort
+
+    try:
+        params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    except Exception as e:  # noqa: BLE001 - onnxruntime reports a failed flatbuffer verification as RuntimeError
+        raise OnnxFormatError(f"not a valid adapter file ({type(e).__name__}: {str(e)[:200]})", path) from None
+    for name, value in params.items():
+        if not name.startswith("adapter_") or name not in inputs:
+            raise ShapeError("not an adapter input of the graph", path, name)
+        elem, dims = inputs[name]
+        got = ORT_TYPES.get(value.data_type())
+        if got != elem:
+            raise ShapeError(f"type {value.data_type()} != the graph's element type {elem}", path, name)
+        shape = list(value.shape())
+        if len(shape) != len(dims) or any(d is not None and d != s for d, s in zip(dims, shape, strict=True)):
+            raise ShapeError(f"shape {shape} does not fit the graph input {dims}", path, name)
 
 
 def session_options():
@@ -98,15 +236,14 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.path = Path(path)
-        meta_path = self.path / METADATA_FILE
-        if not meta_path.is_file():
-            raise MissingFileError(f"not an ONNX export (no {METADATA_FILE})", self.path)
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ConfigError(f"unsupported export format {self.meta.get('format')} v{self.meta.get('format_version')}",
-                              meta_path)  # fmt: skip
-        self.session = ort.InferenceSession(str(self.path / self.meta["model"]), session_options(),
-                                            providers=providers or ["CPUExecutionProvider"])  # fmt: skip
+        self.meta = read_export_metadata(self.path)
+        model = self.path / self.meta["model"]
+        self._inputs = check_graph(self.path, model)
+        try:
+            self.session = ort.InferenceSession(str(model), session_options(),
+                                                providers=providers or ["CPUExecutionProvider"])  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - onnxruntime's Fail/InvalidGraph/InvalidProtobuf/RuntimeException
+            raise OnnxFormatError(f"onnxruntime cannot load it ({type(e).__name__}: {str(e)[:300]})", model) from None
         self.layout = self.meta["layout"]
         self._tokenizer = None
         self._loaded: dict[str, Any] = {}  # name -> onnxruntime.LoraAdapter (loaded once, kept)
@@ -128,8 +265,13 @@ class OnnxModel:
         if name not in self.meta.get("adapters", {}):
             raise KeyError(f"unknown adapter {name!r} (export has: {', '.join(self.adapters) or 'none'})")
         if name not in self._loaded:
+            file = self.path / self.meta["adapters"][name]
+            check_adapter_file(file, self._inputs)
             adapter = ort.LoraAdapter()
-            adapter.Load(str(self.path / self.meta["adapters"][name]))
+            try:
+                adapter.Load(str(file))
+            except Exception as e:  # noqa: BLE001 - changed since checked, or a check onnxruntime adds
+                raise OnnxFormatError(f"onnxruntime cannot load it ({type(e).__name__}: {e})", file) from None
             self._loaded[name] = adapter
         opts = ort.RunOptions()
         opts.add_active_adapter(self._loaded[name])
