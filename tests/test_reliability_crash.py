@@ -43,7 +43,7 @@ from tests.factories import rtn_pack, save_hf, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs the CLI with faults installed. argv[1] is a JSON list of faults: {"target": "module:attr", "when":
+# Runs the CLI with faults installed. argv[1] is a JSON list of faults: {"target": "module:attr[.attr]", "when":
 # "before"|"after", "nth": n, "arg0": str|None} SIGKILLs the process at the n-th call (counting calls whose first
 # argument is arg0, when given); {"target": ..., "returns": value} replaces the function by a constant.
 BOOT = r"""
@@ -51,6 +51,9 @@ import importlib, json, os, signal, sys
 for f in json.loads(sys.argv[1]):
     module, attr = f["target"].split(":")
     mod = importlib.import_module(module)
+    *owner, attr = attr.split(".")  # "module:Class.method" patches a method
+    for name in owner:
+        mod = getattr(mod, name)
     real = getattr(mod, attr)
 
     def hooked(*a, _real=real, _f=f, _n=[0], **k):
@@ -79,10 +82,12 @@ main()
 
 @dataclass(frozen=True)
 class Kill:
-    """How one child dies: ``after_s`` seconds after its staging directory appears, or by its own ``faults``."""
+    """How one child dies: ``after_s`` seconds after its staging directory appears (after it starts, with
+    ``from_start``), or by its own ``faults``."""
 
     after_s: float | None = None
     faults: tuple[dict, ...] = ()
+    from_start: bool = False
 
 
 @dataclass
@@ -102,11 +107,11 @@ def run_and_kill(argv: list[str], out: Path, kill: Kill, timeout: float = 180.0)
         proc = subprocess.Popen([sys.executable, "-c", BOOT, json.dumps(list(kill.faults)), *argv],
                                 stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=out.parent)  # fmt: skip
         saw = False
-        killed_at = None
+        killed_at = start + kill.after_s if kill.from_start and kill.after_s is not None else None
         while proc.poll() is None and time.monotonic() - start < timeout:
             if not saw and any(".tmp-" in p.name for p in stale_siblings(out)):
                 saw = True
-                if kill.after_s is not None:
+                if kill.after_s is not None and not kill.from_start:
                     killed_at = time.monotonic() + kill.after_s
             if killed_at is not None and time.monotonic() >= killed_at:
                 proc.send_signal(signal.SIGKILL)
@@ -202,7 +207,7 @@ class Outcome:
 
 def _resolve(kill: Kill, out: Path) -> Kill:
     faults = tuple({k: (str(out) if v == "{out}" else v) for k, v in f.items()} for f in kill.faults)
-    return Kill(kill.after_s, faults)
+    return Kill(kill.after_s, faults, kill.from_start)
 
 
 def run_scenarios(scenarios: list[Scenario], inputs: Path, root: Path, workers: int = 4) -> dict[str, Outcome]:
