@@ -1,15 +1,25 @@
 """Swappable (unfused) adapters in an ONNX export: graph inputs with zero defaults + ``.onnx_adapter`` files.
 
-Each adapted linear becomes ``y = base(x) + (x @ A^T) @ B^T + index_add(y, rows, x[..., cols] * values)``, where
-the five adapter tensors of slot ``i`` are graph inputs (so onnxruntime's LoRA-adapter mechanism can feed them):
+Each adapted linear becomes ``y = base(x) + (x @ A_t) @ B_t + S x`` where the five adapter tensors of slot ``i``
+are graph inputs (so onnxruntime's LoRA-adapter mechanism can feed them):
 
-- ``adapter_{i}_lora_A`` float ``[r_i, in]`` and ``adapter_{i}_lora_B`` float ``[out, r_i]`` (scaling folded in);
+- ``adapter_{i}_lora_A`` float ``[in, r_i]`` and ``adapter_{i}_lora_B`` float ``[r_i, out]``: PEFT's ``A^T`` and
+  ``(s * B)^T``, stored transposed so the graph runs two plain MatMuls (no per-call Transpose);
 - ``adapter_{i}_values`` float ``[nnz_i]``, ``adapter_{i}_rows`` / ``adapter_{i}_cols`` int64 ``[nnz_i]`` (COO).
 
 ``r_i`` / ``nnz_i`` are symbolic, so adapters of any size share one graph. Every such input also has a zero
 initializer of size 1 (an all-zero correction): with no active adapter the graph is the base model. An adapter
 that does not touch slot ``i`` leaves it at those defaults. ``DIR/adapters/NAME.onnx_adapter`` holds one
 adapter's tensors (``onnxruntime.AdapterFormat``); ``RunOptions.add_active_adapter`` switches between them.
+
+The sparse term is an ``If`` on the number of token rows, because onnxruntime's CPU kernels favour opposite
+layouts (measured on a 576 -> 1536 layer, 0.6% density, one thread; docs/BENCHMARKS.md, ONNX export):
+
+- one row (decode): ``GatherElements`` of ``x``'s features + ``ScatterElements(add)`` into ``y``: typed
+  per-element loops, about 15 us; the generic ``Gather``/``ScatterND`` of ``index_add`` copy one 4-byte block per
+  entry and took about 120 us;
+- many rows (prefill): feature-major ``x^T [in, rows]``, ``Gather`` on axis 0 and ``ScatterND(add)`` on ``y^T``
+  copy whole ``rows``-long blocks: 4x faster than the last-axis ``index_add`` pattern at 128 tokens.
 """
 
 from __future__ import annotations
@@ -25,20 +35,34 @@ ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 
 
+def _sparse_rowwise(x, y, values, rows, cols):
+    """``y + x S^T`` with per-element gather/scatter over the last axis (fast for a single token row)."""
+    shape = (*x.shape[:-1], cols.shape[0])  # (..., nnz)
+    contrib = torch.gather(x, -1, cols.expand(shape)) * values
+    return y.scatter_add(-1, rows.expand(shape), contrib)
+
+
+def _sparse_featuremajor(x, y, values, rows, cols):
+    """``y + x S^T`` on transposed ``[features, rows]`` views: block copies of ``rows`` floats per entry."""
+    xt = x.reshape(-1, x.shape[-1]).t()  # (in, BT)
+    contrib = xt.index_select(0, cols) * values[:, None]  # (nnz, BT)
+    yt = y.reshape(-1, y.shape[-1]).t().index_add(0, rows, contrib)  # (out, BT)
+    return yt.t().contiguous().reshape(y.shape)  # both If branches must give the same strides
+
+
 class AdapterSlotLinear(nn.Module):
     """A dense stand-in base plus one adapter slot whose tensors the export wrapper sets per call (``slot``)."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.slot: tuple[torch.Tensor, ...] | None = None  # (A, B, values, rows, cols) for this call
+        self.slot: tuple[torch.Tensor, ...] | None = None  # (A_t, B_t, values, rows, cols) for this call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        A, B, values, rows, cols = self.slot
-        y = y + (x @ A.t()) @ B.t()  # (..., r) -> (..., out)
-        contrib = x.index_select(-1, cols) * values  # (..., nnz)
-        return y.index_add(-1, rows, contrib)
+        A_t, B_t, values, rows, cols = self.slot
+        y = self.base(x) + (x @ A_t) @ B_t  # (..., r) -> (..., out)
+        one_row = x.numel() // x.shape[-1] == 1
+        return torch.cond(one_row, _sparse_rowwise, _sparse_featuremajor, (x, y, values, rows, cols))
 
 
 def slot_names(i: int) -> list[str]:
@@ -48,7 +72,7 @@ def slot_names(i: int) -> list[str]:
 def sample_slot(in_features: int, out_features: int, r: int = 6, nnz: int = 7) -> list[torch.Tensor]:
     """Trace-time tensors for one slot (sizes distinct from every other dynamic axis so none is specialized)."""
     idx = torch.arange(nnz, dtype=torch.long)
-    return [torch.zeros(r, in_features), torch.zeros(out_features, r), torch.zeros(nnz),
+    return [torch.zeros(in_features, r), torch.zeros(r, out_features), torch.zeros(nnz),
             idx % out_features, idx % in_features]  # fmt: skip
 
 
@@ -57,7 +81,7 @@ def slot_dynamic_shapes(i: int) -> dict[str, dict[int, object]]:
 
     r, nnz = Dim(f"r{i}", min=1), Dim(f"nnz{i}", min=1)
     a, b, v, rows, cols = slot_names(i)
-    return {a: {0: r}, b: {1: r}, v: {0: nnz}, rows: {0: nnz}, cols: {0: nnz}}
+    return {a: {1: r}, b: {0: r}, v: {0: nnz}, rows: {0: nnz}, cols: {0: nnz}}
 
 
 def zero_defaults(slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
@@ -65,7 +89,7 @@ def zero_defaults(slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
     out = {}
     for i, (_, k, n) in enumerate(slots):
         a, b, v, rows, cols = slot_names(i)
-        out.update({a: np.zeros((1, k), np.float32), b: np.zeros((n, 1), np.float32), v: np.zeros(1, np.float32),
+        out.update({a: np.zeros((k, 1), np.float32), b: np.zeros((1, n), np.float32), v: np.zeros(1, np.float32),
                     rows: np.zeros(1, np.int64), cols: np.zeros(1, np.int64)})  # fmt: skip
     return out
 
@@ -82,14 +106,14 @@ def add_defaults(proto, slots: list[tuple[str, int, int]]) -> None:
 
 
 def adapter_tensors(model: nn.Module, name: str, slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
-    """Adapter ``name`` of the loaded pack as slot tensors (scaling folded into B; CSR -> COO int64)."""
+    """Adapter ``name`` of the loaded pack as slot tensors (A, B transposed, scaling folded into B; CSR -> COO)."""
     out: dict[str, np.ndarray] = {}
     for i, (module, _, _) in enumerate(slots):
         layer = model.get_submodule(module)
         a, b, v, rows, cols = slot_names(i)
         if name in layer.lora_A:
-            out[a] = layer.lora_A[name].detach().float().numpy()
-            out[b] = (layer.scaling[name] * layer.lora_B[name].detach().float()).numpy()
+            out[a] = layer.lora_A[name].detach().float().t().contiguous().numpy()  # (in, r)
+            out[b] = (layer.scaling[name] * layer.lora_B[name].detach().float()).t().contiguous().numpy()  # (r, out)
         if name in layer.sparse_values:
             s = layer.supports[name]
             out[v] = layer.sparse_values[name].detach().float().numpy()
