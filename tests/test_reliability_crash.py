@@ -17,9 +17,11 @@ timer would hit only by luck.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +41,7 @@ from sparsepack.formats import pack as pack_mod
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest
 from sparsepack.formats.pack import clean_stale_siblings, read_pack, staged_dir, stale_siblings, write_pack
 from sparsepack.pipeline.compress import compress
-from tests.factories import rtn_pack, save_hf, tiny_llama
+from tests.factories import random_adapter, rtn_pack, save_hf, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,6 +134,7 @@ class Stage:
     argv: Callable[[Path, Path], list[str]]  # (inputs, out) -> CLI arguments, without --overwrite
     previous: Callable[[Path, Path], None]  # write a valid previous output at out (in-process, fast)
     check: Callable[[Path], None] = field(default=lambda out: read_pack(out, verify=True))  # raises if invalid
+    made_by_stage: Callable[[Path], bool] | None = None  # default: the manifest's last history entry is this stage
 
 
 def _compress_argv(inputs: Path, out: Path) -> list[str]:
@@ -143,7 +146,48 @@ def _previous_pack(inputs: Path, out: Path) -> None:
     rtn_pack(tiny_llama(seed=3), out)
 
 
-STAGES = {"compress": Stage("compress", _compress_argv, _previous_pack)}
+def _merge_argv(inputs: Path, out: Path) -> list[str]:
+    return ["merge", str(inputs / "packad"), "-o", str(out), "--adapter", "ad1", "--json"]
+
+
+def _export_argv(inputs: Path, out: Path) -> list[str]:
+    return ["export", str(inputs / "packad"), "--format", "onnx", "-o", str(out), "--adapter", "ad1", "--json"]
+
+
+def _previous_export(inputs: Path, out: Path) -> None:
+    from benchmarks.fuzz_outputs import build_onnx_base
+
+    shutil.copytree(build_onnx_base(Path(tempfile.mkdtemp(dir=out.parent.parent))), out)  # a small valid export
+
+
+def _check_export(out: Path) -> None:
+    import numpy as np
+
+    from sparsepack.runtime.onnx_runtime import OnnxModel
+
+    m = OnnxModel(out)
+    for name in [None, *m.adapters]:
+        m.set_adapter(name)
+        assert np.isfinite(m.logits(np.array([[1, 2, 3]]))).all()
+
+
+def tree_digest(out: Path) -> str:
+    """sha256 over every file's relative path and bytes: changes if anything in the output changed."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in out.rglob("*") if q.is_file()):
+        h.update(p.relative_to(out).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def _made_by_export(out: Path) -> bool:
+    return json.loads((out / "sparsepack_onnx.json").read_text()).get("merged_adapter", "x") is None
+
+
+STAGES = {
+    "compress": Stage("compress", _compress_argv, _previous_pack),
+    "merge": Stage("merge", _merge_argv, _previous_pack),
+    "export": Stage("export", _export_argv, _previous_export, check=_check_export, made_by_stage=_made_by_export),
+}
 
 
 @dataclass(frozen=True)
@@ -313,6 +357,79 @@ def test_kill_9_random_sweep_loses_nothing(inputs, tmp_path):
         assert_nothing_lost(o)
     killed = sum(r.rc == -signal.SIGKILL for o in outcomes.values() for r in o.runs)
     print(f"random sweep: {len(SWEEP)} runs, {killed} killed mid-write, 0 outputs lost")
+
+
+# Export and merge: the same staged writer as compress, so the slow set covers them with fewer points; each killed
+# run is followed by a real rerun of the stage (not a simulated cleanup), which must leave nothing temporary.
+STAGE_SCENARIOS = [
+    Scenario(f"{st}-{what}", st, prev, kills, must_die=die)
+    for st in ("merge", "export")
+    for what, prev, kills, die in [
+        ("timer-0s-over-previous", True, (Kill(after_s=0.0),), False),
+        ("timer-1s-over-previous", True, (Kill(after_s=1.0),), False),
+        ("complete-but-not-renamed-over-previous", True, (Kill(faults=(_fault(FSYNC_TREE, "after"),)),), True),
+        ("complete-but-not-renamed-no-previous", False, (Kill(faults=(_fault(FSYNC_TREE, "after"),)),), True),
+        ("just-after-exchange", True, (Kill(faults=(_fault(EXCHANGE, "after"),)),), True),
+        ("two-writers-no-overwrite", False, (Kill(), Kill()), False),
+    ]
+] + [
+    Scenario("merge-in-tensor-write", "merge", True,
+             (Kill(faults=(_fault("sparsepack.pipeline.merge:save_file"),)),)),  # fmt: skip
+    Scenario("export-in-adapter-write", "export", True,
+             (Kill(faults=(_fault("sparsepack.exporters.onnx:write_adapter"),)),)),  # fmt: skip
+    Scenario("export-in-graph-save", "export", True, (Kill(faults=(_fault("sparsepack.exporters.onnx:save_model"),)),)),
+]
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(inputs) -> Path:
+    if not (inputs / "packad").exists():
+        model = tiny_llama()
+        rtn_pack(model, inputs / "packad", adapters={"ad1": random_adapter(model)})
+    return inputs
+
+
+@pytest.mark.slow
+def test_kill_9_export_and_merge_lose_nothing_and_the_next_run_cleans_up(stage_inputs, tmp_path):
+    digests = {}
+    for sc in STAGE_SCENARIOS:  # previous outputs first, to compare byte for byte afterwards
+        out = tmp_path / sc.id / "out"
+        out.parent.mkdir(parents=True)
+        if sc.previous:
+            STAGES[sc.stage].previous(stage_inputs, out)
+            digests[sc.id] = tree_digest(out)
+    jobs = []
+    for sc in STAGE_SCENARIOS:
+        out = tmp_path / sc.id / "out"
+        argv = STAGES[sc.stage].argv(stage_inputs, out) + (["--overwrite"] if sc.previous else [])
+        jobs += [(sc, out, argv, _resolve(k, out)) for k in sc.kills]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        ran = list(pool.map(lambda j: (j[0], j[1], run_and_kill(j[2], j[1], j[3], timeout=300)), jobs))
+    killed = 0
+    for sc, out, r in ran:
+        assert r.rc in (0, 1, -signal.SIGKILL), f"{sc.id}: rc {r.rc}\n{r.stderr[-1500:]}"
+        assert r.rc == -signal.SIGKILL or not sc.must_die, f"{sc.id}: fault never reached\n{r.stderr[-1500:]}"
+        killed += r.rc == -signal.SIGKILL
+        if sc.id in digests:  # the previous output, untouched, or a complete new one
+            assert out.is_dir(), f"{sc.id}: previous output lost"
+            if tree_digest(out) != digests[sc.id]:
+                STAGES[sc.stage].check(out)
+                made = STAGES[sc.stage].made_by_stage
+                assert made(out) if made else Manifest.read(out / MANIFEST_FILE).history[-1].stage == sc.stage
+            else:
+                STAGES[sc.stage].check(out)
+        if sc.id.endswith("two-writers-no-overwrite") and r.rc == 1:
+            assert "OutputExistsError" in r.stderr and "Traceback" not in r.stderr
+    reruns = [(sc, tmp_path / sc.id / "out") for sc in STAGE_SCENARIOS]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        again = list(pool.map(lambda j: run_and_kill(STAGES[j[0].stage].argv(stage_inputs, j[1]) + ["--overwrite"],
+                                                     j[1], Kill(), timeout=300), reruns))  # fmt: skip
+    for (sc, out), r in zip(reruns, again, strict=True):
+        assert r.rc == 0, f"{sc.id}: rerun failed\n{r.stderr[-1500:]}"
+        assert sorted(p.name for p in out.parent.iterdir()) == ["out"], f"{sc.id}: leftovers after the next run"
+        STAGES[sc.stage].check(out)
+    print(f"export/merge: {len(jobs)} processes, {killed} killed mid-write, 0 outputs lost, "
+          f"{len(reruns)} reruns, 0 leftovers")
 
 
 # ------------------------------------------------------------------------------------------------ stale siblings

@@ -204,7 +204,7 @@ SWEEP_KILLS = [
     FtKill("output-complete-not-renamed", Kill(faults=(_fault(FSYNC_TREE, "after", nth=4),)), True),
     FtKill(
         "output-just-exchanged",
-        Kill(faults=(_fault("sparsepack.formats.pack:_rename_exchange", "after", arg0="{out}"),)),
+        Kill(faults=(_fault("sparsepack.formats.pack:_rename_exchange", "after"),)),
         True,
     ),  # fmt: skip
     FtKill(
