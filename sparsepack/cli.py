@@ -167,7 +167,8 @@ def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_di
                        progress=not as_json)  # fmt: skip
     s = res.summary
     human = (f"wrote {out} (adapter {cfg.adapter!r}, {cfg.method}): {s['steps']} steps, {s['tokens']} tokens, "
-             f"final loss {s['final_loss']:.4f}, {s['seconds']:.1f} s"
+             + (f"final loss {s['final_loss']:.4f}, " if s.get("final_loss") is not None else "no step left, ")
+             + f"{s['seconds']:.1f} s"
              + (f", eval perplexity {s['eval_ppl']:.3f}" if 'eval_ppl' in s else ""))  # fmt: skip
     _emit({"path": str(out), "adapter": cfg.adapter, **s}, as_json, human)
 
