@@ -197,12 +197,18 @@ def test_fuse_unfuse_restores_the_base_bit_for_bit(packs):
     model.fuse("a")
     assert model.active_adapters == []
     torch.testing.assert_close(logits(model), unfused, atol=1e-5, rtol=0)
-    model.fuse("b")  # switching unfuses a first
-    model.set_adapter("b")  # as does activating an adapter: never fused and active at once
+    model.fuse("b")  # switching unfuses a first, and b is written into the buffers a's fusion left
+    fused_b = logits(model)
+    model.set_adapter("b")  # activating an adapter unfuses too: never fused and active at once
     assert not any(layer.fused for layer in model.modules() if isinstance(layer, SparseLowRankLinear))
-    model.unfuse()
+    torch.testing.assert_close(logits(model), fused_b, atol=1e-5, rtol=0)
+    model.set_adapter(None)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    layers = [m for m in model.modules() if isinstance(m, SparseLowRankLinear)]
+    assert all(m._spare is not None for m in layers)
+    model.unfuse(free=True)
+    assert all(m._spare is None for m in layers)
 
 
 def test_fuse_sparse_only_adapter_scatters_and_restores_exactly(packs):
@@ -275,3 +281,34 @@ def test_cli_merge_unknown_adapter_and_json_report(packs, tmp_path):
     assert ok.exit_code == 0, ok.output
     (row,) = json.loads(ok.output)["quality"]["evals"]
     assert row["adapter"] == "a" and row["data"] == str(packs / "a.txt") and row["merged"] > 1
+
+
+def test_adapter_layer_cache_follows_wrapping_and_unwrapping(packs):
+    from sparsepack.layers.inject import adapter_layers, attach_adapter
+
+    model = sparsepack.load(packs / "q", adapter="a")
+    assert len(adapter_layers(model)) == 6
+    bare = logits(sparsepack.load(packs / "q"))
+    model.delete_adapter("a")
+    model.delete_adapter("b")  # every layer unwrapped: back to the plain base modules
+    assert adapter_layers(model) == {} and model.adapters == []
+    torch.testing.assert_close(logits(model), bare, atol=0, rtol=0)
+    attach_adapter(model, "s", random_adapter(tiny_llama(), seed=4, target="o_proj"))  # wraps new layers
+    model.set_adapter("s")
+    assert sorted(adapter_layers(model)) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    assert (logits(model) - bare).abs().max() > 1e-3
+
+
+def test_unfused_inference_on_a_dense_base_equals_the_dense_reference(packs):
+    """The no-autograd path (torch CSR + addmm in place) against W + s B A + S computed densely."""
+    model = sparsepack.load(packs / "dense", adapter=["a", "b"])
+    layer = model.model.layers[1].mlp.down_proj
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    w = layer.base.weight + layer.delta_weight("a") + layer.delta_weight("b")
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, x @ w.t(), atol=1e-5, rtol=0)
+    xg = x.clone().requires_grad_(True)  # the autograd kernel path gives the same numbers
+    torch.testing.assert_close(layer(xg).detach(), fast, atol=1e-5, rtol=0)
+    decode = torch.cat([layer(x[:, i : i + 1]) for i in range(5)], 1).detach()  # one token at a time
+    torch.testing.assert_close(decode, fast, atol=1e-5, rtol=0)
