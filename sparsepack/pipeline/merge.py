@@ -20,6 +20,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
         _write_dense(model, src, out, adapters, DTYPES[dtype], record, overwrite)
         summary["seconds"] = time.perf_counter() - start
         if quality is not None and quality.windows:
-            summary["quality"] = merge_quality(model, {"merged": load(out)}, adapters, quality)
+            summary["quality"] = merge_quality(model, {"merged": lambda: load(out)}, adapters, quality)
         return MergeResult(out, summary)
     from sparsepack.pipeline.compress import compress
 
@@ -169,8 +170,8 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
             # the naive peer: the same merged weights rounded to nearest on the same grid (no calibration)
             rtn = compress(tmp / "m", tmp / "rtn", replace(qcfg, method="rtn", act_order=False, group_aware=False),
                            progress=False)  # fmt: skip
-            summary["quality"] = merge_quality(load(pack), {"merged": load(out), "rtn": load(rtn.path)}, adapters,
-                                               quality)  # fmt: skip
+            outputs = {"merged": lambda: load(out), "rtn": lambda: load(rtn.path)}
+            summary["quality"] = merge_quality(load(pack), outputs, adapters, quality)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return MergeResult(out, summary)
@@ -214,13 +215,14 @@ def adapter_eval_source(manifest: Manifest, name: str) -> tuple[str, str] | None
     return None
 
 
-def merge_quality(source: torch.nn.Module, outputs: dict[str, torch.nn.Module], adapters: list[tuple[str, float]],
-                  cfg: QualityConfig) -> dict[str, Any]:  # fmt: skip
+def merge_quality(source: torch.nn.Module, outputs: dict[str, Callable[[], torch.nn.Module]],
+                  adapters: list[tuple[str, float]], cfg: QualityConfig) -> dict[str, Any]:  # fmt: skip
     """Perplexity of the base, each adapter alone (unfused) and every merged output, on each adapter's data.
 
     Args:
         source: the loaded source pack (its adapters are switched here).
-        outputs: label -> loaded merged model (``merged``; ``rtn`` for the naive requantization).
+        outputs: label -> loader of a merged model (``merged``; ``rtn`` for the naive requantization); each is
+            loaded, scored on every adapter's data and dropped before the next, so at most two models are alive.
 
     Returns:
         ``{"windows", "seqlen", "evals": [{adapter, weight, data, data_from, base, alone, <label>...,
@@ -232,11 +234,11 @@ def merge_quality(source: torch.nn.Module, outputs: dict[str, torch.nn.Module], 
 
     pack = source.sparsepack.pack
     tokenizer = load_tokenizer(pack.path)
-    evals = []
 
     def ppl(model: torch.nn.Module, windows: torch.Tensor) -> float:
         return perplexity(model, windows, batch_size=cfg.batch_size, progress=False).perplexity
 
+    evals, windows = [], []
     for name, weight in adapters:
         found = adapter_eval_source(pack.manifest, name)
         if name in cfg.sources:
@@ -245,18 +247,19 @@ def merge_quality(source: torch.nn.Module, outputs: dict[str, torch.nn.Module], 
             data, origin = found
         else:
             data, origin = cfg.default or DEFAULT_EVAL, "default (no finetune record)"
-        windows = token_windows(tokenizer, data, cfg.seqlen, cfg.windows)
-        row: dict[str, Any] = {"adapter": name, "weight": weight, "data": data, "data_from": origin,
-                               "windows": windows.shape[0]}  # fmt: skip
+        windows.append(token_windows(tokenizer, data, cfg.seqlen, cfg.windows))
         source.set_adapter(None)
-        row["base"] = ppl(source, windows)
+        base = ppl(source, windows[-1])
         source.set_adapter(name)
-        row["alone"] = ppl(source, windows)
-        for label, model in outputs.items():
-            row[label] = ppl(model, windows)
-            row[f"{label}_vs_alone"] = row[label] / row["alone"] - 1
-        evals.append(row)
+        evals.append({"adapter": name, "weight": weight, "data": data, "data_from": origin,
+                      "windows": windows[-1].shape[0], "base": base, "alone": ppl(source, windows[-1])})  # fmt: skip
     source.set_adapter(None)
+    for label, loader in outputs.items():
+        model = loader()
+        for row, w in zip(evals, windows, strict=True):
+            row[label] = ppl(model, w)
+            row[f"{label}_vs_alone"] = row[label] / row["alone"] - 1
+        del model
     return {"windows": cfg.windows, "seqlen": cfg.seqlen, "evals": evals}
 
 
