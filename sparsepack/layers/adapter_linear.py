@@ -228,8 +228,10 @@ class SparseLowRankLinear(nn.Module):
             return self._routed(x)
         if not self.active:
             return self.base(x)
-        if isinstance(self.base, nn.Linear) and not self._needs_autograd(x):
-            return self._infer_dense(x)
+        if not self._needs_autograd(x) and (
+            isinstance(self.base, nn.Linear) or x.numel() <= _SPLIT_MAX_TOKENS * x.shape[-1]
+        ):
+            return self._infer_split(x)
         lowrank, sparse, extra = [], [], None
         for name in self.active:
             if name in self.lora_A:
@@ -254,14 +256,19 @@ class SparseLowRankLinear(nn.Module):
         params = (d[n] for n in self.active for d in (self.lora_A, self.lora_B, self.sparse_values) if n in d)
         return any(p.requires_grad for p in params)
 
-    def _infer_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference over a dense base: ``x W^T`` plus each active correction added in place.
+    def _infer_split(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference without autograd: the base's own product, then each active correction added in place.
 
-        The training kernel folds the sparse entries into a transient copy of ``W`` (one GEMM instead of a GEMM
-        plus spmm and spmm_t); without a backward that copy is an extra pass over the weight on every call,
-        which doubles the cost of decoding (weight-bandwidth bound), while ``spmm`` costs ``tokens * nnz``.
+        Over a dense base the training kernel folds the sparse entries into a transient copy of ``W`` (one GEMM
+        instead of a GEMM plus spmm and spmm_t); without a backward that copy is an extra pass over the weight
+        on every call, which doubles the cost of decoding, while the sparse product costs ``tokens * nnz``.
+        Over a GPTQ base folding is free inside the dequantization, so only decode-sized inputs (a few tokens,
+        where the fold's fixed cost shows) come here.
         """
-        y = F.linear(x, self.base.weight, self.base.bias)  # (..., out); skips a module call: decode is call-bound
+        if isinstance(self.base, nn.Linear):  # a module call less: decode is call-bound
+            y = F.linear(x, self.base.weight, self.base.bias)  # (..., out)
+        else:
+            y = self.base(x)
         y2 = y.view(-1, self.out_features)
         x2 = x.reshape(-1, self.in_features)
         for name in self.active:
@@ -270,6 +277,9 @@ class SparseLowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names}"
+
+
+_SPLIT_MAX_TOKENS = 4  # GPTQ base: up to this many tokens per call skip the fold (measured: benchmarks/switch.py)
 
 
 def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
