@@ -141,6 +141,16 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
               help="RoSA: examples whose gradients choose the support.")
 @click.option("--schedule", default="restart", show_default=True, type=click.Choice(["restart", "continue"]),
               help="After support selection: fresh optimizer and schedule, or continue.")
+@click.option("--teacher", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The fp MODEL_DIR the pack was compressed from (same architecture and dimensions). Adds a "
+                   "distillation term: loss = LM loss + --kl-weight * KL(teacher || student), per label token, "
+                   "teacher logits computed without grad on the same batch; enables --init residual.")
+@click.option("--kl-weight", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Weight of the KL-to-teacher term (0: the teacher only initializes).")
+@click.option("--init", default="auto", show_default=True, type=click.Choice(["auto", "zero", "residual"]),
+              help="Correction start: zero (B = 0, S = 0), or residual: S on the largest entries of W_fp - W_q "
+                   "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "
+                   "selection); auto = zero.")
 @click.option("--eval-data", default=None, help="Held-out SOURCE for perplexity during training.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")
@@ -233,29 +243,56 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
 
 @main.command()
 @click.argument("pack", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx"]), help="Export format.")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "safetensors", "peft"]),
+              help="onnx: onnxruntime graph; safetensors: dense merged HF checkpoint; peft: an adapter as PEFT LoRA.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
 @click.option("--adapter", "adapters", multiple=True,
-              help="Adapter kept swappable as adapters/NAME.onnx_adapter (repeat); with --merge the one folded in.")
-@click.option("--merge", is_flag=True, help="Fold the one --adapter into the weights (its layers become dense).")
+              help="onnx: kept swappable as adapters/NAME.onnx_adapter (repeat), or with --merge folded in; "
+                   "safetensors: folded in; peft: the adapter to write.")
+@click.option("--merge", is_flag=True, help="onnx: fold the one --adapter into the weights (its layers become dense).")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Graph with past/present key-values for token-by-token generation, or a plain logits graph.")
 @click.option("--opset", default=None, type=click.IntRange(18), help="ONNX opset (default: the exporter's).")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Float type of the graph (onnx) or of the written weights (safetensors).")
+@click.option("--lora-approx", "lora_approx", default=None, type=click.IntRange(1), metavar="RANK",
+              help="peft: one LoRA of at most RANK per module from an SVD of low-rank + sparse (error reported).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare onnxruntime against PyTorch; fail (writing nothing) on a mismatch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bool, kv_cache: bool, opset: int | None,
-           validate: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
-    """Export PACK for onnxruntime: GPTQ layers as MatMulNBits, validated against PyTorch."""
+           dtype: str, lora_approx: int | None, validate: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+    """Export PACK: an onnxruntime graph (GPTQ layers as MatMulNBits, validated against PyTorch), a dense merged
+    safetensors checkpoint, or an adapter as a PEFT LoRA directory."""
+    if fmt != "onnx":
+        from sparsepack.exporters.dense import export_peft, export_safetensors
+
+        if len(adapters) > 1:
+            raise click.BadParameter(f"--format {fmt} takes at most one --adapter", param_hint="--adapter")
+        adapter = adapters[0] if adapters else None
+        if fmt == "safetensors":
+            res = export_safetensors(pack, out, adapter=adapter, dtype=dtype, overwrite=overwrite)
+            human = f"wrote {out} (dense {dtype} HF checkpoint, adapter folded in: {adapter}) in {res['total_s']:.1f} s"
+        else:
+            if adapter is None:
+                raise click.BadParameter("--format peft needs --adapter NAME", param_hint="--adapter")
+            res = export_peft(pack, out, adapter, lora_approx=lora_approx, overwrite=overwrite)
+            detail = (f"sparse part dropped: {res['sparse_dropped_nnz']} entries" if lora_approx is None else
+                      f"rank <= {lora_approx} SVD of low-rank + sparse, relative error {res['relative_error']:.3g} "
+                      f"(worst module {res['relative_error_max']:.3g})")  # fmt: skip
+            human = f"wrote {out} (PEFT LoRA of adapter {adapter!r}, {res['modules']} modules; {detail})"
+        _emit(res, as_json, human)
+        return
     from sparsepack.exporters.onnx import export_onnx
 
     res = export_onnx(pack, out, adapters=adapters, merge=merge, kv_cache=kv_cache, opset=opset, validate=validate,
-                      overwrite=overwrite)  # fmt: skip
-    worst = max((v["max_abs_diff"] for k, v in res.get("validation", {}).items() if k != "tokens"), default=None)
+                      overwrite=overwrite, dtype=dtype)  # fmt: skip
+    worst = max((v["max_abs_diff"] for k, v in res.get("validation", {}).items() if not k.endswith("tokens")),
+                default=None)  # fmt: skip
     check = "not validated" if worst is None else f"max |logit diff| vs PyTorch {worst:.2g}"
-    _emit(res, as_json, f"wrote {out} ({fmt}, {res['matmulnbits_layers']} MatMulNBits layers, {check}) "
+    _emit(res, as_json, f"wrote {out} ({fmt} {dtype}, {res['matmulnbits_layers']} MatMulNBits layers, {check}) "
                         f"in {res['total_s']:.1f} s")  # fmt: skip
 
 
@@ -274,10 +311,25 @@ def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bo
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn with the tokenizer's chat template.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--onnx", "onnx", is_flag=True,
+              help="PACK is an `export --format onnx` directory: run it in onnxruntime (--adapter: a swappable one).")
 @_fail_cleanly
 def generate(pack: Path, prompt: str, adapter: str | None, max_new_tokens: int, do_sample: bool, temperature: float,
-             top_p: float, top_k: int, seed: int, chat: bool, device: str) -> None:  # fmt: skip
+             top_p: float, top_k: int, seed: int, chat: bool, device: str, onnx: bool) -> None:  # fmt: skip
     """Generate text from PACK, streaming tokens to the terminal (greedy unless --do-sample)."""
+    if onnx:
+        from sparsepack.runtime.onnx_runtime import OnnxModel
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        om = OnnxModel(pack, providers=providers)
+        om.set_adapter(adapter)
+        if chat:
+            prompt = om.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                      tokenize=False)  # fmt: skip
+        text = om.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+        click.echo(prompt + text)
+        return
     import torch
     from transformers import TextStreamer
 

@@ -105,6 +105,9 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0 = none)
     seed: int = 0  # initialization, data order, dropout
     device: str = "cpu"  # cpu or cuda
+    teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
+    kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
+    init: str = "auto"  # correction start: zero, residual (from W_fp - W_q; needs a teacher), auto (= zero)
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
@@ -122,6 +125,17 @@ class TrainConfig:
             raise ValueError("--warmup-steps must be >= 0 and --mask-samples >= 1")
         if not 0 < self.fisher_budget <= 1:
             raise ValueError(f"fisher_budget must be in (0, 1], got {self.fisher_budget}")
+        if self.init not in ("auto", "zero", "residual"):
+            raise ValueError(f"--init must be auto, zero or residual, got {self.init!r}")
+        if self.init == "residual" and not self.teacher:
+            raise ValueError("--init residual needs --teacher (the fp model the pack was compressed from)")
+        if self.kl_weight < 0:
+            raise ValueError(f"--kl-weight must be >= 0, got {self.kl_weight}")
+
+    @property
+    def residual_init(self) -> bool:
+        """Start the correction from the teacher's residual ``W_fp - W_q`` (only when asked: ``auto`` = zero)."""
+        return self.init == "residual"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

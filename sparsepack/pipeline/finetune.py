@@ -34,6 +34,47 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+class TeacherMismatchError(ValueError):
+    """``--teacher`` is not the model the pack was compressed from (other architecture or dimensions)."""
+
+
+# config fields that must agree between a pack's base and its teacher
+_TEACHER_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim")  # fmt: skip
+
+
+def check_teacher(student: torch.nn.Module, teacher: torch.nn.Module, names: list[str], teacher_dir: Path) -> None:
+    """Raise :class:`TeacherMismatchError` unless ``teacher`` has the student's architecture and every
+    adapted layer ``names`` as a linear of the same shape."""
+    s_cfg, t_cfg = student.config.to_dict(), teacher.config.to_dict()
+    for key in _TEACHER_KEYS:
+        if s_cfg.get(key) != t_cfg.get(key):
+            raise TeacherMismatchError(f"--teacher {teacher_dir}: {key} is {t_cfg.get(key)!r}, the pack's base has "
+                                       f"{s_cfg.get(key)!r}; the teacher must be the model the pack was "
+                                       "compressed from")  # fmt: skip
+    for n in names:
+        try:
+            t = teacher.get_submodule(n)
+        except AttributeError:
+            raise TeacherMismatchError(f"--teacher {teacher_dir}: no module {n}") from None
+        w = getattr(t, "weight", None)
+        s = student.get_submodule(n)
+        if not isinstance(t, torch.nn.Linear) or w is None or tuple(w.shape) != (s.out_features, s.in_features):
+            raise TeacherMismatchError(f"--teacher {teacher_dir}: {n} is {type(t).__name__} "
+                                       f"{tuple(w.shape) if w is not None else ''}, the pack's layer is "
+                                       f"[{s.out_features}, {s.in_features}]")  # fmt: skip
+
+
+def load_teacher(path: str | Path, device: str) -> torch.nn.Module:
+    """The fp teacher, frozen, in eval mode (a quantized pack is refused: the residual needs ``W_fp``)."""
+    from sparsepack.runtime.loader import load
+
+    teacher = load(path, device=device, dtype=torch.float32)
+    if teacher.sparsepack.pack.quant is not None:
+        raise TeacherMismatchError(f"--teacher {path} is quantized; give the full-precision model directory")
+    return teacher.requires_grad_(False).eval()
+
+
 def default_checkpoint_dir(out: Path) -> Path:
     out = Path(out).absolute()
     return out.parent / f"{out.name}.ckpt"
@@ -71,10 +112,20 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
     else:
         ckpt.clear(ckpt_dir)  # a fresh run: stale checkpoints and metrics of an earlier run must not mix in
 
-    trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows)
+    teacher = None
+    if cfg.teacher:
+        from sparsepack.layers.inject import find_targets
+
+        teacher = load_teacher(cfg.teacher, cfg.device)
+        check_teacher(model, teacher, find_targets(model, cfg.target), Path(cfg.teacher))
+    trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows,
+                      teacher=teacher)  # fmt: skip
     trainer.setup()
+    if teacher is not None and cfg.kl_weight == 0:
+        trainer.teacher = teacher = None  # only needed for the initialization: free it before training
     summary = trainer.run(resume_from)
     summary["examples"] = len(examples)
+    summary["trainable_params"] = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
 
     adapter = Adapter(
         modules={n: layer.export_adapter(cfg.adapter) for n, layer in trainer.layers.items()},

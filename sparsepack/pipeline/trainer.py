@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,8 +31,10 @@ from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
 from sparsepack.methods.allocation import ALLOCATORS
 from sparsepack.methods.masks import SUPPORT_RULES, SupportContext
 from sparsepack.methods.presets import PRESETS, Preset
+from sparsepack.methods.residual import residual_init
 from sparsepack.pipeline import checkpoint as ckpt
 from sparsepack.pipeline.batches import Batcher, Cursor
+from sparsepack.pipeline.data import IGNORE_INDEX
 
 
 class TrainingDivergedError(RuntimeError):
@@ -54,13 +57,33 @@ class TrainState:
 
 
 def plan_phases(preset: Preset, cfg: TrainConfig, steps: int) -> list[Phase]:
+    """A residual initialization takes the support from ``W_fp - W_q`` (at setup): no warm-up, and the selection
+    phase only hands the sparse values to the optimizer."""
     phases = []
-    if preset.sparse and preset.lowrank and preset.lowrank_warmup and cfg.warmup_steps > 0:
+    if preset.sparse and preset.lowrank and preset.lowrank_warmup and cfg.warmup_steps > 0 and not cfg.residual_init:
         phases.append(Phase("warmup", cfg.warmup_steps))
     if preset.sparse:
         phases.append(Phase("select"))
     phases.append(Phase("train", steps))
     return phases
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over trained tokens of ``KL(p_teacher || p_student)`` (nats), aligned like the LM loss.
+
+    Args:
+        student_logits, teacher_logits: ``[b, L, V]``; position ``t`` predicts token ``t + 1``.
+        labels: ``[b, L]``, ``-100`` where a token is not trained on (padding, prompts).
+
+    Returns:
+        A scalar; the gradient flows into ``student_logits`` only.
+    """
+    keep = labels[:, 1:] != IGNORE_INDEX  # (b, L-1): the positions the LM loss averages over
+    if not bool(keep.any()):
+        return student_logits.sum() * 0.0
+    log_q = F.log_softmax(student_logits[:, :-1][keep].float(), dim=-1)  # (N, V)
+    log_p = F.log_softmax(teacher_logits[:, :-1][keep].detach().float(), dim=-1)  # (N, V)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")  # sum over V, mean over the N tokens
 
 
 def cosine_lr(step: int, total: int, warmup_frac: float) -> float:
@@ -76,8 +99,10 @@ class Trainer:
     """Owns the model's adapted layers, optimizer, data order and phase; one instance per run."""
 
     def __init__(self, model: nn.Module, tokenizer, cfg: TrainConfig, examples, ckpt_dir: Path | None,
-                 progress: bool = True, eval_windows: torch.Tensor | None = None) -> None:  # fmt: skip
+                 progress: bool = True, eval_windows: torch.Tensor | None = None,
+                 teacher: nn.Module | None = None) -> None:  # fmt: skip
         self.model = model
+        self.teacher = teacher  # frozen fp model (KL term, residual init); see finetune.check_teacher
         self.cfg = cfg
         self.preset = PRESETS.get(cfg.method)
         self.device = torch.device(cfg.device)
@@ -94,6 +119,7 @@ class Trainer:
         self.budgets = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.metrics_path = ckpt_dir / "metrics.jsonl" if ckpt_dir else None
+        self.residual_summary: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -114,7 +140,27 @@ class Trainer:
         for n, layer in self.layers.items():
             if self.budgets[n].rank:
                 layer.init_lowrank(cfg.adapter, self.budgets[n].rank, cfg.alpha, cfg.dropout, gen)
+        if cfg.residual_init:
+            self._residual_init()
         set_active_adapters(self.model, cfg.adapter)
+
+    def _residual_init(self) -> None:
+        """Seed every layer's correction from ``W_teacher - W_base`` (``methods.residual``), one layer at a time."""
+        if self.teacher is None:
+            raise ValueError("a residual initialization needs the teacher model")
+        a = self.cfg.adapter
+        start = time.perf_counter()
+        for n, layer in self.layers.items():
+            b = self.budgets[n]
+            w_fp = self.teacher.get_submodule(n).weight.detach()
+            init = residual_init(w_fp, layer.dense_base(), b.rank, b.nnz, layer.scaling.get(a, 1.0))
+            if init.A is not None:
+                layer.lora_A[a].data.copy_(init.A)
+                layer.lora_B[a].data.copy_(init.B)
+            if init.support is not None:
+                layer.set_support(a, init.support.to(self.device), init.values.to(self.device))
+        self.residual_summary = {"rule": "residual", "seconds": time.perf_counter() - start, "passes": 0,
+                                 "nnz": sum(b.nnz for b in self.budgets.values())}  # fmt: skip
 
     def _param_names(self) -> dict[int, str]:
         out = {}
@@ -141,8 +187,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ steps
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The LM loss, plus ``kl_weight * KL(teacher || student)`` on the same tokens when a teacher is set."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return self.model(**batch, use_cache=False).loss
+        out = self.model(**batch, use_cache=False)
+        if self.teacher is None or self.cfg.kl_weight == 0:
+            return out.loss
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).logits  # fmt: skip
+        return out.loss + self.cfg.kl_weight * kl_to_teacher(out.logits, t_logits, batch["labels"])
 
     def _train_step(self, phase: Phase) -> float:
         total = 0.0
@@ -314,7 +367,7 @@ class Trainer:
             phase = self.phases[self.state.phase]
             if phase.name == "select":
                 self.model.train()
-                summary["selection"] = self._select_support()
+                summary["selection"] = self.residual_summary if self.cfg.residual_init else self._select_support()
                 # restart: A/B as the warm-up left them, fresh optimizer and schedule for both parts;
                 # continue: keep A/B's optimizer state and add the sparse values to it.
                 old = self.optimizer

@@ -1,0 +1,183 @@
+"""finetune --teacher: residual initialization against a dense SVD reference, KL loss against a direct
+computation, teacher checks, resume bit for bit with a teacher."""
+
+import pytest
+import torch
+
+import sparsepack
+from sparsepack.config import TrainConfig
+from sparsepack.methods.residual import residual_init
+from sparsepack.pipeline import trainer as trainer_mod
+from sparsepack.pipeline.finetune import TeacherMismatchError, finetune
+from sparsepack.pipeline.trainer import kl_to_teacher
+from tests.factories import rtn_pack, save_hf, tiny_llama
+from tests.test_finetune import adapter_tensors
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    model = tiny_llama()
+    rtn_pack(model, d / "pack", bits=3)  # 3-bit: a residual large enough to matter
+    save_hf(model, d / "hf")
+    save_hf(tiny_llama(intermediate_size=96), d / "other")
+    lines = [f"def function_{i}(x): return x * {i} + sum(range({i % 7})) # the quick brown fox" for i in range(300)]
+    (d / "c.txt").write_text("\n".join(lines))
+    return d
+
+
+def cfg_for(env, **kw):
+    base = dict(data=str(env / "c.txt"), adapter="a1", rank=4, density=0.05, steps=3, warmup_steps=1, batch_size=2,
+                grad_accum=1, seqlen=32, mask_samples=2, lr=5e-3, lr_lowrank=5e-3, teacher=str(env / "hf"))  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def dense_reference(w_fp, w_q, rank, nnz, scaling):
+    """The residual init written directly: dense top-k mask, torch SVD of the remainder, rank-r truncation."""
+    r = (w_fp - w_q).double()
+    mask = torch.zeros(r.numel(), dtype=torch.bool)
+    mask[r.abs().flatten().argsort(descending=True)[:nnz]] = True
+    mask = mask.view_as(r)
+    sparse = torch.where(mask, r, torch.zeros_like(r))
+    U, S, Vh = torch.linalg.svd(r - sparse)
+    return sparse, U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+
+
+def test_residual_init_equals_dense_svd_reference_and_reduces_error():
+    gen = torch.Generator().manual_seed(0)
+    w_fp = torch.randn(48, 40, generator=gen)
+    w_q = (w_fp * 4).round() / 4  # a coarse grid: the residual is the rounding error
+    w_q[3, 5] += 2.0  # an outlier the sparse part must take
+    rank, nnz, scaling = 3, 30, 16 / 3
+    init = residual_init(w_fp, w_q, rank, nnz, scaling)
+    s = init.support
+    sparse = torch.zeros(48, 40, dtype=torch.float64)
+    sparse[s.row_idx.long(), s.col_idx.long()] = init.values.double()
+    lowrank = scaling * (init.B.double() @ init.A.double())
+    ref_sparse, ref_lowrank = dense_reference(w_fp, w_q, rank, nnz, scaling)
+    torch.testing.assert_close(sparse, ref_sparse, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lowrank, ref_lowrank, rtol=1e-4, atol=1e-5)
+    assert sparse[3, 5] != 0
+    err_zero = torch.linalg.norm(w_fp - w_q)
+    err_sparse = torch.linalg.norm(w_fp.double() - (w_q.double() + sparse))
+    err_full = torch.linalg.norm(w_fp.double() - (w_q.double() + sparse + lowrank))
+    assert err_full < err_sparse < err_zero
+    # A and B carry the singular values evenly
+    torch.testing.assert_close(init.A.norm(dim=1), init.B.norm(dim=0), rtol=1e-4, atol=1e-6)
+
+
+def test_residual_init_on_a_pack_reduces_every_layers_error(env):
+    cfg = cfg_for(env, init="residual")
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    model = sparsepack.load(env / "pack")
+    teacher = sparsepack.load(env / "hf")
+    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg, [(torch.arange(8), torch.arange(8))], None,
+                             progress=False, teacher=teacher)  # fmt: skip
+    tr.setup()
+    assert [p.name for p in tr.phases] == ["select", "train"]  # the support comes from the residual: no warm-up
+    for n, layer in tr.layers.items():
+        w_fp = teacher.get_submodule(n).weight
+        w_q = layer.dense_base()
+        corrected = w_q + layer.delta_weight("a1")
+        assert layer.supports["a1"].nnz == tr.budgets[n].nnz
+        assert torch.linalg.norm(w_fp - corrected) < 0.97 * torch.linalg.norm(w_fp - w_q), n
+
+
+def test_kl_loss_equals_direct_computation():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 7, 11, generator=gen, requires_grad=True)
+    t = torch.randn(2, 7, 11, generator=gen)
+    labels = torch.randint(0, 11, (2, 7), generator=gen)
+    labels[0, :3] = -100  # prompt tokens
+    labels[1, 5:] = -100  # padding
+    got = kl_to_teacher(s, t, labels)
+    total, count = 0.0, 0
+    for b in range(2):
+        for pos in range(6):
+            if labels[b, pos + 1] == -100:
+                continue
+            p = torch.softmax(t[b, pos].double(), -1)
+            q = torch.softmax(s[b, pos].double(), -1)
+            total += float((p * (p.log() - q.log())).sum().detach())
+            count += 1
+    assert got.item() == pytest.approx(total / count, rel=1e-5)
+    got.backward()
+    assert s.grad[0, 0].abs().sum() == 0 and s.grad[0, 2].abs().sum() > 0  # untrained positions get no gradient
+
+
+def test_teacher_loss_adds_kl_to_lm_loss(env):
+    cfg = cfg_for(env, kl_weight=0.5, method="lora")
+    from sparsepack.pipeline.data import completion_examples
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(env / "pack")
+    model, teacher = sparsepack.load(env / "pack"), sparsepack.load(env / "hf")
+    examples = completion_examples(tok, cfg.data, cfg.seqlen)
+    tr = trainer_mod.Trainer(model, tok, cfg, examples, None, progress=False, teacher=teacher)
+    tr.setup()
+    batch = tr.batcher.next()
+    with torch.no_grad():
+        got = tr._loss(batch)
+        lm = model(**batch).loss
+        kl = kl_to_teacher(model(**batch).logits, teacher(**batch).logits, batch["labels"])
+    assert kl > 0
+    torch.testing.assert_close(got, lm + 0.5 * kl)
+
+
+def test_teacher_must_match_the_pack(env, tmp_path):
+    with pytest.raises(TeacherMismatchError, match="intermediate_size"):
+        finetune(env / "pack", tmp_path / "o", cfg_for(env, teacher=str(env / "other")), progress=False)
+    with pytest.raises(TeacherMismatchError, match="quantized"):
+        finetune(env / "pack", tmp_path / "o", cfg_for(env, teacher=str(env / "pack")), progress=False)
+    with pytest.raises(ValueError, match="--init residual needs --teacher"):
+        cfg_for(env, teacher=None, init="residual")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("init", ["residual", "zero"])
+def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init):
+    cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7)
+    finetune(env / "pack", tmp_path / "full", cfg, progress=False)
+    expected = adapter_tensors(tmp_path / "full")
+
+    real = trainer_mod.Trainer._train_step
+    calls = {"n": 0}
+    crash_at = 4 if init == "residual" else 5  # after the checkpoint at global step 2 / 4
+
+    def crash(self, phase):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt
+        return real(self, phase)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(env / "pack", tmp_path / "part", cfg, progress=False)
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real)
+    finetune(env / "pack", tmp_path / "part", cfg, resume=True, progress=False)
+    got = adapter_tensors(tmp_path / "part")
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_dropped_lowrank_matches_autograd_reference():
+    from sparsepack.layers.dropout_lowrank import dropped_lowrank, dropped_lowrank_reference
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    torch.manual_seed(5)
+    y = dropped_lowrank(x, A, B, 0.5, 0.3)
+    grads = torch.autograd.grad(y, (x, A, B), dy)
+    torch.manual_seed(5)
+    keep = torch.empty(15, 12, dtype=torch.bool).bernoulli_(0.7).view(3, 5, 12)  # the same draw
+    assert 0 < keep.sum() < keep.numel()
+    ref = dropped_lowrank_reference(x, A, B, 0.5, keep, 0.3)
+    torch.testing.assert_close(y, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref, (x, A, B), dy), strict=True):
+        torch.testing.assert_close(g, r)
