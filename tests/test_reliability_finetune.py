@@ -252,3 +252,23 @@ def test_kill_9_sweep_then_resume_loses_nothing(first_round, env, tmp_path):
     n_killed = sum(r.rc == -signal.SIGKILL for r in killed)
     print(f"finetune sweep: {len(SWEEP_KILLS)} runs, {n_killed} killed, {len(SWEEP_KILLS)} resumed bit for bit, "
           "0 outputs lost, 0 leftovers")  # fmt: skip
+
+
+def test_disk_full_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from sparsepack.formats.errors import WriteError
+
+    directory = tmp_path / "ckpt"
+    meta = {"phase": 0}
+    ckpt.save_checkpoint(directory, 2, {"rng.torch": torch.get_rng_state()}, meta)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "state.safetensors")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(WriteError, match=r"step-0000004: writing failed \(ENOSPC"):
+        ckpt.save_checkpoint(directory, 4, {"rng.torch": torch.get_rng_state()}, meta)
+    assert sorted(p.name for p in directory.iterdir()) == ["latest", "step-0000002"]
+    assert ckpt.latest_checkpoint(directory).name == "step-0000002"
+    assert load_file(str(directory / "step-0000002" / "state.safetensors")).keys() == {"rng.torch"}
