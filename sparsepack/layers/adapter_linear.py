@@ -12,6 +12,7 @@ dense weight-sized tensor is kept for backward. Dropout (training only) applies 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,6 @@ from sparsepack.kernels import (
     csr_row_indices,
     sparse_lowrank_linear_multi,
 )
-from sparsepack.layers.dropout_lowrank import dropped_lowrank
 from sparsepack.layers.quantized_linear import QuantizedLinear
 
 
@@ -239,7 +239,8 @@ class SparseLowRankLinear(nn.Module):
                 A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
                 drop = self.dropout[name]
                 if self.training and isinstance(drop, nn.Dropout):  # dropout sees only the low-rank input
-                    term = dropped_lowrank(x, A, B, s, drop.p)  # keeps a bool mask, not dropout(x), for backward
+                    h = drop(x) @ A.to(x.dtype).t()  # (..., r)
+                    term = s * (h @ B.to(x.dtype).t())
                     extra = term if extra is None else extra + term
                 else:
                     lowrank.append(LowRankPart(A, B, s))
@@ -280,6 +281,20 @@ class SparseLowRankLinear(nn.Module):
 
 
 _SPLIT_MAX_TOKENS = 4  # GPTQ base: up to this many tokens per call skip the fold (measured: benchmarks/switch.py)
+_csr_warning_silenced = False
+
+
+def _csr(s: CSRSupport, values: torch.Tensor) -> torch.Tensor:
+    """A torch sparse CSR view of ``S`` (no copy). torch warns once per process that CSR is "beta"; that
+    first warning is silenced here (it would land in the CLI's output), later calls skip the filter's cost."""
+    global _csr_warning_silenced
+    if _csr_warning_silenced:
+        return torch.sparse_csr_tensor(s.row_ptr, s.col_idx, values, s.shape, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        t = torch.sparse_csr_tensor(s.row_ptr, s.col_idx, values, s.shape, check_invariants=False)
+    _csr_warning_silenced = True
+    return t
 
 
 def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
@@ -290,8 +305,7 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
     if name in layer.sparse_values:
         s, values = layer.supports[name], layer.sparse_values[name].to(x2.dtype)
         if x2.device.type == "cpu":  # torch's CSR matmul: ~10x less call overhead than spmm at a few tokens
-            csr = torch.sparse_csr_tensor(s.row_ptr, s.col_idx, values, s.shape, check_invariants=False)
-            y2.add_((csr @ x2.t()).t())  # (out, T) -> (T, out)
+            y2.add_((_csr(s, values) @ x2.t()).t())  # (out, T) -> (T, out)
         else:
             from sparsepack.kernels import spmm
 
