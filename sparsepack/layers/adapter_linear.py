@@ -29,6 +29,7 @@ from sparsepack.kernels import (
     csr_row_indices,
     sparse_lowrank_linear_multi,
 )
+from sparsepack.layers.dropout_lowrank import dropped_lowrank
 from sparsepack.layers.quantized_linear import QuantizedLinear
 
 
@@ -239,8 +240,7 @@ class SparseLowRankLinear(nn.Module):
                 A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
                 drop = self.dropout[name]
                 if self.training and isinstance(drop, nn.Dropout):  # dropout sees only the low-rank input
-                    h = drop(x) @ A.to(x.dtype).t()  # (..., r)
-                    term = s * (h @ B.to(x.dtype).t())
+                    term = dropped_lowrank(x, A, B, s, drop.p)  # keeps a bool mask, not dropout(x), for backward
                     extra = term if extra is None else extra + term
                 else:
                     lowrank.append(LowRankPart(A, B, s))
