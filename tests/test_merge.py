@@ -177,6 +177,7 @@ def test_mixed_batch_equals_each_row_alone(packs):
         logits(model, adapter_names=["a", "b"])
 
 
+@pytest.mark.slow  # ~2 s alone, ~9 s on a loaded machine; the forward test above covers the default suite
 def test_mixed_batch_generate_equals_each_row_alone(packs):
     model = sparsepack.load(packs / "q")
     prompts = IDS[:, :5]
