@@ -144,7 +144,7 @@ def test_requantize_yields_a_valid_pack_and_reports_cost_vs_unfused_and_rtn(pack
     merge(packs / "q", tmp_path / "rtn", [("a", 1.0)], mode="requantize", qcfg=QuantConfig(
         bits=4, group_size=32, method="rtn"))  # fmt: skip
     (row,) = res.summary["quality"]["evals"]
-    assert row["data_from"] == "default (no finetune record)"
+    assert row["data_from"] == "given for every adapter (no finetune record)"
     assert row["alone"] == pytest.approx(_ppl(sparsepack.load(packs / "q", adapter="a"), str(corpus)), rel=1e-6)
     assert row["merged"] == pytest.approx(_ppl(sparsepack.load(tmp_path / "rq"), str(corpus)), rel=1e-6)
     assert row["rtn"] == pytest.approx(_ppl(sparsepack.load(tmp_path / "rtn"), str(corpus)), rel=1e-6)

@@ -246,7 +246,8 @@ def merge_quality(source: torch.nn.Module, outputs: dict[str, Callable[[], torch
         elif found is not None:
             data, origin = found
         else:
-            data, origin = cfg.default or DEFAULT_EVAL, "default (no finetune record)"
+            data = cfg.default or DEFAULT_EVAL
+            origin = "given for every adapter (no finetune record)" if cfg.default else "default (no finetune record)"
         windows.append(token_windows(tokenizer, data, cfg.seqlen, cfg.windows))
         source.set_adapter(None)
         base = ppl(source, windows[-1])
