@@ -40,3 +40,7 @@ for label, key in rows:
     print(f"{label:<22} perplexity {r['perplexity']:8.3f}  ({100 * (r['perplexity'] / base - 1):+6.1f}% vs fp32, "
           f"{r['windows']} windows of {r['seqlen']} tokens)")
 PY
+
+echo "== 6/6 ONNX export (GPTQ base as MatMulNBits, the RoSA adapter swappable, validated vs PyTorch) + generation"
+$SP export "$OUT/smollm2-w4g64-rosa" --format onnx -o "$OUT/smollm2-w4g64-rosa-onnx" --adapter pydoc --overwrite
+$SP generate "$OUT/smollm2-w4g64-rosa-onnx" --onnx --adapter pydoc --prompt "The os module" --max-new-tokens 24

@@ -199,3 +199,126 @@ def test_cli_export_8bit_json(packs):
     assert json.loads(res.stdout)["matmulnbits_layers"] == 14  # stderr may carry torch export warnings
     res = CliRunner().invoke(main, ["export", str(p[8]), "-o", str(root / "cli2"), "--adapter", "zz", "--merge"])
     assert res.exit_code == 1 and "unknown adapter 'zz'" in res.output
+
+
+@pytest.mark.slow
+def test_fp16_export_with_adapter(packs):
+    root, p = packs
+    s = export_onnx(p[4], root / "fp16", adapters=["a"], dtype="fp16")
+    assert s["dtype"] == "fp16" and s["matmulnbits_layers"] == 14
+    worst = max(v["max_abs_diff"] for v in s["validation"].values())
+    assert 0 < worst < V.TOLERANCES["logits_fp16"]["atol"] * 10  # fp16 rounding shows, within the fp16 row
+    om = OnnxModel(root / "fp16")
+    ids = np.array([[5, 9, 40, 7]], dtype=np.int64)
+    assert om.logits(ids).dtype == np.float16
+    assert {i.type for i in om.session.get_inputs() if i.name.startswith("past_")} == {"tensor(float16)"}
+    fmt = ort.AdapterFormat.read_adapter(str(root / "fp16" / "adapters" / "a.onnx_adapter"))
+    assert fmt.get_parameters()["adapter_0_values"].numpy().dtype == np.float16
+    with pytest.raises(ValueError, match="--dtype"):
+        export_onnx(p[4], root / "never16", dtype="bf16")
+    assert not (root / "never16").exists()
+
+
+def _zero_sparse(model):
+    from sparsepack.layers.adapter_linear import SparseLowRankLinear
+
+    for mod in model.modules():
+        if isinstance(mod, SparseLowRankLinear):
+            for v in mod.sparse_values.values():
+                v.data.zero_()
+    return model
+
+
+def test_peft_export_loads_in_peft_on_the_dense_export(packs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import sparsepack
+    from sparsepack.exporters.dense import export_peft, export_safetensors
+
+    root, p = packs
+    s = export_safetensors(p[4], root / "dense")  # the dequantized base as a plain fp32 HF checkpoint
+    assert s["dtype"] == "fp32" and (root / "dense" / "model.safetensors").is_file()
+    s = export_peft(p[4], root / "peft", "a")
+    assert s["sparse_dropped_nnz"] > 0 and s["modules"] == 6
+    ids = torch.tensor([[5, 9, 40, 7, 11], [3, 3, 100, 2, 8]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "dense"), root / "peft").eval()
+    with torch.no_grad():
+        got = peft(ids).logits
+        ref = _zero_sparse(sparsepack.load(p[4], adapter="a"))(ids).logits  # ours, low-rank part only
+        with peft.disable_adapter():
+            bare = peft(ids).logits
+    assert (got - ref).abs().max() < 1e-4
+    assert (got - bare).abs().max() > 1e-3  # the LoRA is really applied
+
+
+def test_lora_approx_full_rank_is_the_dense_delta(packs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import sparsepack
+    from sparsepack.exporters.dense import export_peft, export_safetensors
+    from sparsepack.formats.adapter_layout import read_adapter
+
+    root, p = packs
+    if not (root / "dense").exists():
+        export_safetensors(p[4], root / "dense")
+    s = export_peft(p[4], root / "approx", "a", lora_approx=64)  # 64 >= min(out, in) of every layer: exact
+    assert s["relative_error"] < 1e-6 and s["modules"] == 6
+    model = sparsepack.load(p[4])
+    for name, m in read_adapter(root / "approx").modules.items():
+        delta = model.get_submodule(name).delta_weight("a")
+        assert m.rank == min(delta.shape)
+        assert (m.scaling * (m.B @ m.A) - delta).abs().max() < 1e-5 * delta.abs().max()
+    # PEFT serves it: the whole correction (low-rank + sparse) on the dense base == ours with the adapter
+    ids = torch.tensor([[5, 9, 40, 7, 11]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "dense"), root / "approx").eval()
+    with torch.no_grad():
+        assert (peft(ids).logits - sparsepack.load(p[4], adapter="a")(ids).logits).abs().max() < 1e-4
+    low = export_peft(p[4], root / "approx2", "a", lora_approx=2)
+    assert 0.05 < low["relative_error"] < 1 and low["relative_error_max"] >= low["relative_error"] * 0.5
+
+
+def test_dense_exports_refuse_unknown_adapter_before_writing(packs):
+    from sparsepack.cli import main
+
+    root, p = packs
+    for fmt in ("safetensors", "peft"):
+        out = root / f"never-{fmt}"
+        res = CliRunner().invoke(main, ["export", str(p[4]), "--format", fmt, "-o", str(out), "--adapter", "zz"])
+        assert res.exit_code == 1 and "unknown adapter 'zz'" in res.output, res.output
+        assert not out.exists() and not list(root.glob(f".never-{fmt}*"))
+    res = CliRunner().invoke(main, ["export", str(p[4]), "--format", "peft", "-o", str(root / "never-peft")])
+    assert res.exit_code != 0 and "--adapter" in res.output
+
+
+def test_sampler_matches_softmax_and_filters():
+    from sparsepack.runtime.onnx_runtime import make_sampler
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
+    choose = make_sampler(seed=1, top_k=0)
+    counts = np.bincount([int(choose(logits)[0]) for _ in range(4000)], minlength=4) / 4000
+    assert np.abs(counts - [0.5, 0.3, 0.15, 0.05]).max() < 0.03
+    assert {int(make_sampler(top_k=2, seed=s)(logits)[0]) for s in range(30)} == {0, 1}
+    assert {int(make_sampler(top_p=0.7, seed=s)(logits)[0]) for s in range(30)} == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert all(int(make_sampler(top_p=0.4, seed=s)(logits)[0]) == 0 for s in range(10))
+    with pytest.raises(ValueError, match="temperature"):
+        make_sampler(temperature=0)
+
+
+def test_cli_generate_onnx_equals_pytorch_generate(packs, kv_unfused):
+    from sparsepack.cli import main
+
+    root, p = packs
+    run = CliRunner()
+    for extra in ([], ["--adapter", "a"]):
+        args = ["--prompt", "def token_windows", "--max-new-tokens", "6", *extra]
+        ours = run.invoke(main, ["generate", str(kv_unfused[1]), "--onnx", *args])
+        ref = run.invoke(main, ["generate", str(p[4]), *args])
+        assert ours.exit_code == 0 and ref.exit_code == 0, ours.output + ref.output
+        assert ours.stdout.strip() == ref.stdout.strip() and len(ours.stdout.strip()) > len("def token_windows")
+    sampled = [run.invoke(main, ["generate", str(kv_unfused[1]), "--onnx", "--prompt", "x", "--do-sample",
+                                 "--seed", str(s), "--max-new-tokens", "8"]).stdout for s in (0, 0, 1)]  # fmt: skip
+    assert sampled[0] == sampled[1] != sampled[2]
+    res = run.invoke(main, ["generate", str(p[4]), "--onnx", "--prompt", "x"])  # a pack, not an export
+    assert res.exit_code == 1 and "not an ONNX export" in res.output

@@ -115,13 +115,14 @@ def scope_of(node) -> list[str]:
     return []
 
 
-def rewrite_linears(model, weights: dict[str, NBitsWeight], prefix: str = "") -> list[str]:
+def rewrite_linears(model, weights: dict[str, NBitsWeight], prefix: str = "", float_dtype=np.float32) -> list[str]:
     """Replace the MatMul of every module in ``weights`` by MatMulNBits, in place on a ``ModelProto``.
 
     Args:
         model: the exported ``onnx.ModelProto``.
         weights: module name (as in the PyTorch model) -> its MatMulNBits tensors.
         prefix: module-path prefix the export wrapper adds (``"m."`` for a wrapper holding the model as ``m``).
+        float_dtype: the graph's activation dtype; MatMulNBits wants ``scales`` in the same type as its input.
 
     Returns:
         The module names rewritten; raises ``UnsupportedLayerError`` if one of ``weights`` was not found.
@@ -147,7 +148,7 @@ def rewrite_linears(model, weights: dict[str, NBitsWeight], prefix: str = "") ->
             graph.initializer.append(numpy_helper.from_array(w.perm, perm_name))
             new_nodes.append(helper.make_node("Gather", [x, perm_name], [f"{base}.x"], axis=-1, name=f"{base}/Gather"))
             x = f"{base}.x"
-        for suffix, arr in (("B", w.B), ("scales", w.scales), ("zero_points", w.zero_points)):
+        for suffix, arr in (("B", w.B), ("scales", w.scales.astype(float_dtype)), ("zero_points", w.zero_points)):
             graph.initializer.append(numpy_helper.from_array(arr, f"{base}.{suffix}"))
         ins = [x, f"{base}.B", f"{base}.scales", f"{base}.zero_points"]
         # A bias stays where the export put it (an Add after this node): the dense stand-in keeps it.

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,6 +49,9 @@ from sparsepack.runtime.onnx_runtime import FORMAT, FORMAT_VERSION, METADATA_FIL
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 SCOPE_PREFIX = "m."  # the wrappers below hold the HF model as `self.m`
+# --dtype: the float type of weights, activations, past key/values and adapter tensors in the graph. fp16 runs on
+# ORT's CPU EP too (it inserts casts around the few ops without an fp16 CPU kernel); MatMulNBits scales follow it.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class UnknownAdapterError(ValueError):
@@ -57,8 +61,10 @@ class UnknownAdapterError(ValueError):
 # ----------------------------------------------------------------------------------------------- request
 
 
-def check_request(pack, adapters: tuple[str, ...], merge: bool) -> None:
+def check_request(pack, adapters: tuple[str, ...], merge: bool, dtype: str = "fp32") -> None:
     """Fail before any work on names the pack lacks, merge without exactly one adapter, or layers ORT cannot run."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     for name in adapters:
         if name not in pack.adapters:
             have = ", ".join(sorted(pack.adapters)) or "none"
@@ -208,22 +214,26 @@ def make_wrapper(model: nn.Module, names: list[str], kv_cache: bool, slots: list
     return cls(model, kv_cache, slots)
 
 
-def cache_layout(config) -> dict[str, int]:
+def cache_layout(config, dtype: str = "fp32") -> dict[str, Any]:
+    """Past key/value shapes and numpy dtype, as the runtime needs them to build empty pasts."""
     heads = config.num_attention_heads
     return {
         "num_layers": config.num_hidden_layers,
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "dtype": "float16" if dtype == "fp16" else "float32",
     }
 
 
 # ----------------------------------------------------------------------------------------------- export
 
 
-def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: list[tuple[str, int, int]] = ()):
+def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: list[tuple[str, int, int]] = (),
+                 dtype: torch.dtype = torch.float32):  # fmt: skip
     """``torch.onnx.export(dynamo=True)`` with dynamic batch / sequence / past length; returns a ModelProto.
 
     ``slots`` (module, in, out) are the unfused adapter slots: five more inputs each (see ``onnx_adapters``).
+    ``dtype`` is the model's float dtype: past key/values and float adapter inputs take it too.
     """
     from torch.export import Dim
 
@@ -237,7 +247,8 @@ def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: lis
         lay = cache_layout(model.config)
         past_len, mask_len = Dim("past", min=0), Dim("mask_len", min=1)  # Dims cannot be added: own mask dim
         B, T, P = 2, 3, 2  # trace with every dynamic axis >= 2 so none gets specialized
-        pasts = [torch.zeros(B, lay["num_kv_heads"], P, lay["head_dim"]) for _ in range(2 * lay["num_layers"])]
+        pasts = [torch.zeros(B, lay["num_kv_heads"], P, lay["head_dim"], dtype=dtype)
+                 for _ in range(2 * lay["num_layers"])]  # fmt: skip
         ids = torch.ones(B, T, dtype=torch.long)
         args = [ids, torch.ones(B, P + T, dtype=torch.long), torch.arange(P, P + T).expand(B, T).contiguous(), *pasts]
         kv = [f"{k}_{i}" for i in range(lay["num_layers"]) for k in ("key", "value")]
@@ -248,7 +259,7 @@ def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: lis
         shapes.update({f"past_{k}": {0: batch, 2: past_len} for k in kv})
     for i, (_, k, n) in enumerate(slots):
         names += slot_names(i)
-        args += sample_slot(k, n)
+        args += [t.to(dtype) if t.is_floating_point() else t for t in sample_slot(k, n)]
         shapes.update(slot_dynamic_shapes(i))
     wrapper = make_wrapper(model, names, kv_cache, [model.get_submodule(m) for m, _, _ in slots])
     program = torch.onnx.export(wrapper.eval(), tuple(args), dynamo=True, input_names=names, output_names=outs,
@@ -276,6 +287,7 @@ def export_onnx(
     opset: int | None = None,
     validate: bool = True,
     overwrite: bool = False,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Export a pack to ONNX for onnxruntime.
 
@@ -289,6 +301,8 @@ def export_onnx(
         opset: ONNX opset (default: the exporter's).
         validate: compare onnxruntime against PyTorch and raise ``ExportValidationError`` on a mismatch.
         overwrite: replace an existing ``out_dir``.
+        dtype: ``fp32`` or ``fp16`` for the graph's weights, activations, cache and adapters (the MatMulNBits
+            integers are the same either way); fp16 is validated with the fp16 rows of the tolerance table.
 
     Returns:
         A summary: paths, node counts, sizes, timings and validation figures.
@@ -300,26 +314,30 @@ def export_onnx(
     adapters = tuple(adapters)
     pack_path, out_dir = Path(pack), Path(out_dir)
     info = read_pack(pack_path, verify=True, check_config=True)
-    check_request(info, adapters, merge)
+    check_request(info, adapters, merge, dtype)
     if out_dir.exists() and not overwrite:
         raise OutputExistsError("output exists (pass --overwrite to replace it)", out_dir)
     merged = adapters[0] if merge else None
     unfused = () if merge else adapters
     model = load(pack_path, adapter=merged)
     slots = adapter_slots(model, unfused)
-    tensors = {name: adapter_tensors(model, name, slots) for name in unfused}
+    np_float = np.float16 if dtype == "fp16" else np.float32
+    tensors = {name: {k: v.astype(np_float) if v.dtype.kind == "f" else v
+                      for k, v in adapter_tensors(model, name, slots).items()} for name in unfused}  # fmt: skip
     nbits = dense_standins(model, merged, slots)
     tied = untie_lm_head(model)
-    proto = export_graph(model, kv_cache, opset, slots)
+    model.to(DTYPES[dtype])
+    proto = export_graph(model, kv_cache, opset, slots, DTYPES[dtype])
     t_export = time.perf_counter() - t0
-    rewritten = rewrite_linears(proto, nbits, SCOPE_PREFIX)
+    rewritten = rewrite_linears(proto, nbits, SCOPE_PREFIX, np_float)
     tied = tied and share_tied_embedding(proto)
-    add_defaults(proto, slots)
+    add_defaults(proto, slots, np_float)
     del model
     config = info.config
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model": MODEL_FILE, "kv_cache": kv_cache,
-        "layout": cache_layout(config), "opset": next(o.version for o in proto.opset_import if o.domain == ""),
+        "dtype": dtype, "layout": cache_layout(config, dtype),
+        "opset": next(o.version for o in proto.opset_import if o.domain == ""),
         "merged_adapter": merged,
         "adapters": {n: f"{ADAPTER_DIR}/{n}{SUFFIX}" for n in unfused}, "adapter_slots": [m for m, _, _ in slots],
         "quantization": info.quant,
@@ -327,7 +345,8 @@ def export_onnx(
         "eos_token_id": config.eos_token_id if isinstance(config.eos_token_id, int) else None,
         "pad_token_id": config.pad_token_id,
     }  # fmt: skip
-    summary: dict[str, Any] = {"out": str(out_dir), **{k: meta[k] for k in ("kv_cache", "opset", "merged_adapter")},
+    summary: dict[str, Any] = {"out": str(out_dir),
+                               **{k: meta[k] for k in ("kv_cache", "dtype", "opset", "merged_adapter")},
                                "matmulnbits_layers": len(rewritten), "nodes": len(proto.graph.node),
                                "tied_embedding_shared": tied}  # fmt: skip
     with staged_dir(out_dir, overwrite) as tmp:
@@ -358,6 +377,7 @@ def run_validation(export_dir: Path, pack_path: Path, adapter: str | None, meta:
     model = load(pack_path, adapter=adapter)
     session = ort.InferenceSession(str(export_dir / MODEL_FILE), session_options(), providers=["CPUExecutionProvider"])
     pad = meta["pad_token_id"] if isinstance(meta["pad_token_id"], int) else 0
+    dtype = meta.get("dtype", "fp32")
     checks = []
     for name in [None, *meta["adapters"]]:  # the bare graph, then each swappable adapter in the same session
         opts, handle = (None, None) if name is None else run_options(export_dir / meta["adapters"][name])
@@ -365,9 +385,9 @@ def run_validation(export_dir: Path, pack_path: Path, adapter: str | None, meta:
             model.set_adapter(name)
         tag = "" if name is None else f"{name}:"
         if meta["kv_cache"]:
-            found = validate_kv(session, model, meta["layout"], meta["vocab_size"], pad, run_options=opts)
+            found = validate_kv(session, model, meta["layout"], meta["vocab_size"], pad, run_options=opts, dtype=dtype)
         else:
-            found = validate_logits(session, model, meta["vocab_size"], pad, run_options=opts)
+            found = validate_logits(session, model, meta["vocab_size"], pad, run_options=opts, dtype=dtype)
         for c in found:
             c.output = tag + c.output
         checks += found

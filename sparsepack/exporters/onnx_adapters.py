@@ -35,19 +35,23 @@ ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 
 
+# The scatter-adds accumulate in fp32: onnxruntime's CPU ScatterND / ScatterElements have no fp16 `add`
+# reduction (an fp16 export would fail at run time); for fp32 graphs the casts are no-ops and vanish.
+
+
 def _sparse_rowwise(x, y, values, rows, cols):
     """``y + x S^T`` with per-element gather/scatter over the last axis (fast for a single token row)."""
     shape = (*x.shape[:-1], cols.shape[0])  # (..., nnz)
     contrib = torch.gather(x, -1, cols.expand(shape)) * values
-    return y.scatter_add(-1, rows.expand(shape), contrib)
+    return y.float().scatter_add(-1, rows.expand(shape), contrib.float()).to(y.dtype)
 
 
 def _sparse_featuremajor(x, y, values, rows, cols):
     """``y + x S^T`` on transposed ``[features, rows]`` views: block copies of ``rows`` floats per entry."""
     xt = x.reshape(-1, x.shape[-1]).t()  # (in, BT)
     contrib = xt.index_select(0, cols) * values[:, None]  # (nnz, BT)
-    yt = y.reshape(-1, y.shape[-1]).t().index_add(0, rows, contrib)  # (out, BT)
-    return yt.t().contiguous().reshape(y.shape)  # both If branches must give the same strides
+    yt = y.reshape(-1, y.shape[-1]).t().float().index_add(0, rows, contrib.float())  # (out, BT), fp32
+    return yt.t().contiguous().reshape(y.shape).to(y.dtype)  # both If branches must give the same strides
 
 
 class AdapterSlotLinear(nn.Module):
@@ -84,22 +88,22 @@ def slot_dynamic_shapes(i: int) -> dict[str, dict[int, object]]:
     return {a: {1: r}, b: {0: r}, v: {0: nnz}, rows: {0: nnz}, cols: {0: nnz}}
 
 
-def zero_defaults(slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
+def zero_defaults(slots: list[tuple[str, int, int]], dtype=np.float32) -> dict[str, np.ndarray]:
     """The size-1 all-zero default of every slot input (``slots``: (module, in, out) per slot)."""
     out = {}
     for i, (_, k, n) in enumerate(slots):
         a, b, v, rows, cols = slot_names(i)
-        out.update({a: np.zeros((k, 1), np.float32), b: np.zeros((1, n), np.float32), v: np.zeros(1, np.float32),
+        out.update({a: np.zeros((k, 1), dtype), b: np.zeros((1, n), dtype), v: np.zeros(1, dtype),
                     rows: np.zeros(1, np.int64), cols: np.zeros(1, np.int64)})  # fmt: skip
     return out
 
 
-def add_defaults(proto, slots: list[tuple[str, int, int]]) -> None:
+def add_defaults(proto, slots: list[tuple[str, int, int]], dtype=np.float32) -> None:
     """Give every slot input its zero initializer (an input that is also an initializer is an overridable default)."""
     from onnx import numpy_helper
 
     inputs = {i.name for i in proto.graph.input}
-    for name, arr in zero_defaults(slots).items():
+    for name, arr in zero_defaults(slots, dtype).items():
         if name not in inputs:
             raise ValueError(f"adapter input {name} missing from the exported graph")
         proto.graph.initializer.append(numpy_helper.from_array(arr, name))

@@ -176,14 +176,16 @@ def _positions(mask: np.ndarray) -> np.ndarray:
 
 
 def empty_past(layout: dict, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length past tensors ``[batch, kv_heads, 0, head_dim]`` for a prefill."""
+    """Zero-length past tensors ``[batch, kv_heads, 0, head_dim]`` (the graph's float dtype) for a prefill."""
     shape = (batch, layout["num_kv_heads"], 0, layout["head_dim"])
-    return {f"past_{kind}_{i}": np.zeros(shape, np.float32)
+    dtype = np.dtype(layout.get("dtype", "float32"))
+    return {f"past_{kind}_{i}": np.zeros(shape, dtype)
             for i in range(layout["num_layers"]) for kind in ("key", "value")}  # fmt: skip
 
 
 def greedy_decode(session, layout: dict, input_ids: np.ndarray, attention_mask: np.ndarray, steps: int,
-                  eos_token_id: int | None = None, pad_token_id: int = 0, run_options=None):  # fmt: skip
+                  eos_token_id: int | None = None, pad_token_id: int = 0, run_options=None,
+                  forced_tokens: np.ndarray | None = None, choose=None):  # fmt: skip
     """Greedy generation through a KV-cache graph.
 
     Args:
@@ -193,6 +195,8 @@ def greedy_decode(session, layout: dict, input_ids: np.ndarray, attention_mask: 
         steps: new tokens to produce.
         eos_token_id: finished rows keep emitting ``pad_token_id`` (None: never stop).
         run_options: ``onnxruntime.RunOptions`` (e.g. with an active adapter).
+        forced_tokens: int64 ``[B, steps]`` to feed instead of the argmax (teacher forcing, for validation).
+        choose: ``f(last_logits [B, vocab]) -> int64 [B]`` picking the next tokens (sampling); default argmax.
 
     Returns:
         ``(tokens int64 [B, steps'], logits: list of float32 [B, vocab] per step)``; ``steps' < steps`` only if
@@ -209,7 +213,10 @@ def greedy_decode(session, layout: dict, input_ids: np.ndarray, attention_mask: 
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
         outs = dict(zip(names, session.run(names, feeds, run_options), strict=True))
         last = outs["logits"][:, -1, :]  # (B, vocab)
-        nxt = last.argmax(-1).astype(np.int64)
+        if forced_tokens is not None:
+            nxt = forced_tokens[:, len(tokens)].astype(np.int64)
+        else:
+            nxt = (last.argmax(-1) if choose is None else choose(last)).astype(np.int64)
         if eos_token_id is not None:
             nxt = np.where(done, pad_token_id, nxt)
             done |= nxt == eos_token_id
@@ -222,6 +229,32 @@ def greedy_decode(session, layout: dict, input_ids: np.ndarray, attention_mask: 
         if done.all():
             break
     return np.stack(tokens, axis=1), logits
+
+
+def make_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0):
+    """``f(logits [B, vocab]) -> int64 [B]``: softmax sampling at ``temperature`` over the ``top_k`` most likely
+    tokens (0: all) whose cumulative probability first reaches ``top_p`` (as ``transformers``' warpers do)."""
+    if temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    rng = np.random.default_rng(seed)
+
+    def choose(logits: np.ndarray) -> np.ndarray:
+        z = logits.astype(np.float64) / temperature  # (B, V)
+        order = np.argsort(-z, axis=-1)  # most likely first
+        zs = np.take_along_axis(z, order, axis=-1)
+        if 0 < top_k < zs.shape[-1]:
+            zs[:, top_k:] = -np.inf
+        p = np.exp(zs - zs[:, :1])
+        p /= p.sum(-1, keepdims=True)
+        drop = np.cumsum(p, axis=-1) - p >= top_p  # keep the smallest prefix reaching top_p (always the first)
+        p[drop] = 0.0
+        p /= p.sum(-1, keepdims=True)
+        picks = [rng.choice(p.shape[-1], p=row) for row in p]
+        return order[np.arange(len(picks)), picks].astype(np.int64)
+
+    return choose
 
 
 class OnnxModel:
@@ -298,8 +331,11 @@ class OnnxModel:
             feeds.update(position_ids=_positions(mask), **empty_past(self.layout, ids.shape[0]))
         return self.session.run(["logits"], feeds, self._run_options)[0]
 
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 32, stop_at_eos: bool = True) -> str | list[str]:
-        """Greedy continuation of ``prompt`` (one string or a batch, left-padded)."""
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 32, stop_at_eos: bool = True,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0,
+                 seed: int = 0) -> str | list[str]:  # fmt: skip
+        """Continuation of ``prompt`` (one string or a batch, left-padded): greedy, or sampled with ``do_sample``
+        (``temperature`` / ``top_k`` / ``top_p`` / ``seed`` as in ``sparsepack generate``)."""
         single = isinstance(prompt, str)
         tok = self.tokenizer
         tok.padding_side = "left"
@@ -308,19 +344,22 @@ class OnnxModel:
         enc = tok([prompt] if single else list(prompt), return_tensors="np", padding=True)
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
         eos = self.meta.get("eos_token_id") if stop_at_eos else None
+        choose = make_sampler(temperature, top_k, top_p, seed) if do_sample else None
         if self.kv_cache:
             new, _ = greedy_decode(self.session, self.layout, ids, mask, max_new_tokens, eos_token_id=eos,
-                                   pad_token_id=tok.pad_token_id, run_options=self._run_options)  # fmt: skip
+                                   pad_token_id=tok.pad_token_id, run_options=self._run_options,
+                                   choose=choose)  # fmt: skip
         else:
-            new = self._generate_no_cache(ids, mask, max_new_tokens, eos, tok.pad_token_id)
+            new = self._generate_no_cache(ids, mask, max_new_tokens, eos, tok.pad_token_id, choose)
         texts = tok.batch_decode(new, skip_special_tokens=True)
         return texts[0] if single else texts
 
-    def _generate_no_cache(self, ids, mask, steps, eos, pad_id) -> np.ndarray:
+    def _generate_no_cache(self, ids, mask, steps, eos, pad_id, choose=None) -> np.ndarray:
         # Quadratic (re-runs the whole sequence each step): only for graphs exported with --no-kv-cache.
         out, done = [], np.zeros(ids.shape[0], dtype=bool)
         for _ in range(steps):
-            nxt = self.logits(ids, mask)[:, -1, :].argmax(-1).astype(np.int64)
+            last = self.logits(ids, mask)[:, -1, :]
+            nxt = (last.argmax(-1) if choose is None else choose(last)).astype(np.int64)
             if eos is not None:
                 nxt = np.where(done, pad_id, nxt)
                 done |= nxt == eos
