@@ -279,3 +279,13 @@ def test_bad_metadata_is_a_typed_error(export, meta):
     (export / "sparsepack_onnx.json").write_text(meta)
     with pytest.raises(errors.FormatError, match="sparsepack_onnx.json"):
         OnnxModel(export)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "object", ["float16"], 7])
+def test_unknown_cache_dtype_is_a_typed_error(export, dtype):
+    meta_path = export / "sparsepack_onnx.json"
+    meta = json.loads(meta_path.read_text())
+    meta["layout"]["dtype"] = dtype
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(errors.FormatError, match="layout.dtype"):
+        OnnxModel(export)

@@ -67,6 +67,9 @@ def read_export_metadata(root: Path) -> dict:
     keys = ("num_layers", "num_kv_heads", "head_dim")
     if not isinstance(layout, dict) or not all(type(layout.get(k)) is int and 1 <= layout[k] <= 2**16 for k in keys):
         raise bad("layout", f"an object of {', '.join(keys)} (integers in [1, 65536])")
+    if layout.get("dtype", "float32") not in ("float32", "float16"):
+        raise ManifestError(f"field 'layout.dtype' must be 'float32' or 'float16', got {layout['dtype']!r:.80}",
+                            meta_path)  # fmt: skip
     adapters = meta.get("adapters", {})
     if not isinstance(adapters, dict) or not all(isinstance(v, str) for v in adapters.values()):
         raise bad("adapters", "an object mapping adapter names to files")
