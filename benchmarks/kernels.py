@@ -23,15 +23,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
-from torch import nn
+# benchmarks/ itself off the path: its onnx.py would shadow the onnx package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from sparsepack.formats.gptq_layout import GPTQTensors, rtn_quantize
-from sparsepack.kernels import (
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from sparsepack.formats.gptq_layout import GPTQTensors, rtn_quantize  # noqa: E402
+from sparsepack.kernels import (  # noqa: E402
     CSRSupport,
     DenseBase,
     GPTQBase,

@@ -31,8 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LoadMonitor, machine_info, run_timed, sample_model, write_md_part  # noqa: E402
+# Import from the repo root, and drop benchmarks/ itself from the path: benchmarks/onnx.py would shadow the onnx
+# package and benchmarks/kernels.py the `kernels` package that transformers probes for.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import LoadMonitor, machine_info, run_timed, sample_model, write_md_part  # noqa: E402
 
 RANK, ALPHA, DENSITY = 16, 16.0, 0.006
 PREFILL, DECODE = 128, 32
