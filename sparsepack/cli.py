@@ -150,7 +150,7 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 @click.option("--init", default="auto", show_default=True, type=click.Choice(["auto", "zero", "residual"]),
               help="Correction start: zero (B = 0, S = 0), or residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "
-                   "selection); auto = zero.")
+                   "selection); auto = residual with --teacher, else zero.")
 @click.option("--eval-data", default=None, help="Held-out SOURCE for perplexity during training.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")

@@ -107,7 +107,8 @@ class TrainConfig:
     device: str = "cpu"  # cpu or cuda
     teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
     kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
-    init: str = "auto"  # correction start: zero, residual (from W_fp - W_q; needs a teacher), auto (= zero)
+    init: str = "auto"  # correction start: zero, residual (from W_fp - W_q; needs a teacher), auto (residual
+    # with a teacher, else zero: on the sample it beat zero init, see docs/BENCHMARKS.md "Finetune")
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
@@ -134,8 +135,8 @@ class TrainConfig:
 
     @property
     def residual_init(self) -> bool:
-        """Start the correction from the teacher's residual ``W_fp - W_q`` (only when asked: ``auto`` = zero)."""
-        return self.init == "residual"
+        """Start the correction from the teacher's residual ``W_fp - W_q`` (``auto``: whenever a teacher is given)."""
+        return self.init == "residual" or (self.init == "auto" and bool(self.teacher))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -108,7 +108,7 @@ def test_kl_loss_equals_direct_computation():
 
 
 def test_teacher_loss_adds_kl_to_lm_loss(env):
-    cfg = cfg_for(env, kl_weight=0.5, method="lora")
+    cfg = cfg_for(env, kl_weight=0.5, method="lora", dropout=0.0)  # residual init: B != 0, so no random dropout
     from sparsepack.pipeline.data import completion_examples
     from sparsepack.runtime.tokenizer import load_tokenizer
 
@@ -133,6 +133,8 @@ def test_teacher_must_match_the_pack(env, tmp_path):
         finetune(env / "pack", tmp_path / "o", cfg_for(env, teacher=str(env / "pack")), progress=False)
     with pytest.raises(ValueError, match="--init residual needs --teacher"):
         cfg_for(env, teacher=None, init="residual")
+    assert cfg_for(env).residual_init and not cfg_for(env, init="zero").residual_init  # auto: residual with a teacher
+    assert not cfg_for(env, teacher=None).residual_init
     assert not (tmp_path / "o").exists()
 
 
