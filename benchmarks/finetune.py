@@ -7,8 +7,8 @@ headline ratios are medians over rounds of ``ours / PEFT`` from the same round, 
 machine hits both sides. Kinds: PEFT LoRA r=16 all-linear on the fp32 sample (the peer); RoSA r=16 d=0.6% on the
 same fp32 base; RoSA on the 4-bit g64 pack. RoSA's support is drawn at random there, since only the joint
 phase's step time is compared; the cost of Fisher support selection is measured separately (``selection``: a
-few training steps, then selection over 32 samples; its extra peak over training comes from the kernel's peak-RSS
-counter ``VmHWM``, reset between the two).
+few training steps, then selection over ``SELECT_SAMPLES`` samples; its extra peak over training comes from the
+kernel's peak-RSS counter ``VmHWM``, reset between the two).
 
 Quality (``--part quality``): the CLI end to end (``sparsepack finetune`` then ``sparsepack eval``) on the 4-bit
 g64 pack and the fp32 sample, same steps and data, equal trainable-parameter budgets; held-out perplexity on
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LoadMonitor, child_env, machine_info, run_timed, sample_model, write_md_part  # noqa: E402
 
 BATCH, SEQLEN, RANK, ALPHA, DENSITY = 4, 128, 16, 16.0, 0.006
+SELECT_SAMPLES = 16  # support selection: examples scored (the CLI default is 32; halved to fit the shared machine)
 SECTION = "## Finetune"
 SPEED_HEADINGS = ("### Speed and memory", "### Support selection")
 
@@ -163,13 +164,13 @@ def worker(kind: str, model_dir: str, pack: str, steps: int) -> dict:
             "loadavg": os.getloadavg()}  # fmt: skip
 
 
-def selection_worker(pack: str, model_dir: str, train_steps: int = 3) -> dict:
-    """RoSA support selection (32 samples, fisher rule, default memory budget) after a few warm-up steps."""
+def selection_worker(pack: str, model_dir: str, train_steps: int = 2) -> dict:
+    """RoSA support selection (fisher rule, default memory budget) after a few warm-up steps."""
     from sparsepack.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     windows = _windows(tok, 64)
-    tr, _ = _ours(pack, tok, windows, "rosa", mask_samples=32)
+    tr, _ = _ours(pack, tok, windows, "rosa", mask_samples=SELECT_SAMPLES)
     tr.model.train()
     for _ in range(train_steps):  # low-rank warm-up steps: the training peak selection is compared with
         tr._train_step(tr.phases[-1])
@@ -179,7 +180,8 @@ def selection_worker(pack: str, model_dir: str, train_steps: int = 3) -> dict:
     info = tr._select_support()
     return {"kind": "selection", **info, "train_peak_rss_mb": train_peak, "selection_peak_rss_mb": _status_mb("VmHWM"),
             "extra_peak_mb": _status_mb("VmHWM") - train_peak, "train_steps": train_steps,
-            "mask_samples": 32, "fisher_budget": tr.cfg.fisher_budget, "loadavg": os.getloadavg()}  # fmt: skip
+            "mask_samples": SELECT_SAMPLES, "fisher_budget": tr.cfg.fisher_budget,
+            "loadavg": os.getloadavg()}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ speed
