@@ -27,8 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LoadMonitor, child_env, machine_info, run_timed, sample_model, write_md_part  # noqa: E402
+# Import from the repo root, and drop benchmarks/ itself from the path: benchmarks/onnx.py would shadow the onnx
+# package and benchmarks/kernels.py the `kernels` package that transformers probes for.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import LoadMonitor, child_env, machine_info, run_timed, sample_model, write_md_part  # noqa: E402
 
 BATCH, SEQLEN, RANK, ALPHA, DENSITY = 4, 128, 16, 16.0, 0.006
 SELECT_SAMPLES = 16  # support selection: examples scored (the CLI default is 32; halved to fit the shared machine)
@@ -311,7 +314,7 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int) -> list[dic
 
 
 def _quality_one(i: int, run: dict, work: Path, log_dir: Path, threads: int, texts: dict[str, str]) -> dict:
-    from _common import sparsepack_cmd
+    from benchmarks._common import sparsepack_cmd
 
     env = child_env(threads, NUMBA_NUM_THREADS=str(threads))
     target, adapter, row = run["base"], None, {"label": run["label"], "flags": run["train"]}
@@ -334,7 +337,7 @@ def _quality_one(i: int, run: dict, work: Path, log_dir: Path, threads: int, tex
 def run_quality(args, log_dir: Path, model_dir: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from _common import info_text
+    from benchmarks._common import info_text
 
     work = args.json.parent / (args.json.stem + "-runs")
     work.mkdir(parents=True, exist_ok=True)
