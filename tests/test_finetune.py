@@ -118,6 +118,9 @@ def test_resume_is_bit_for_bit(env, tmp_path, monkeypatch):
     assert got.keys() == expected.keys()
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+    # the rows logged after the checkpoint (step 5) were logged again by the resume, not kept twice
+    (metrics,) = (tmp_path / "part").glob("adapters/*/metrics.jsonl")
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 8))
 
 
 def test_resume_refuses_changed_settings(env, tmp_path, monkeypatch):

@@ -153,6 +153,26 @@ def clear(directory: Path) -> None:
             p.unlink()
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the rows of ``metrics.jsonl`` logged after ``step``: a resume from that step logs them again.
+
+    Unparsable lines (a write cut by a crash) go too. The file is replaced atomically (temp + rename).
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     pointer = Path(directory) / "latest"
     if not os.path.lexists(pointer):

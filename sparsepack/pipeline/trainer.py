@@ -329,6 +329,8 @@ class Trainer:
         self.state.global_step, self.state.tokens = meta["global_step"], meta["tokens"]
         self.batcher.cursor = Cursor(*meta["cursor"])
         ckpt.set_rng_state(tensors)
+        if self.metrics_path is not None:  # rows after the checkpoint are logged again by this run
+            ckpt.trim_metrics(self.metrics_path, self.state.global_step)
 
     def _save(self) -> None:
         if self.ckpt_dir is None:
