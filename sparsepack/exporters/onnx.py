@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +263,12 @@ def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: lis
         args += [t.to(dtype) if t.is_floating_point() else t for t in sample_slot(k, n)]
         shapes.update(slot_dynamic_shapes(i))
     wrapper = make_wrapper(model, names, kv_cache, [model.get_submodule(m) for m, _, _ in slots])
-    program = torch.onnx.export(wrapper.eval(), tuple(args), dynamo=True, input_names=names, output_names=outs,
-                                dynamic_shapes=shapes, opset_version=opset, verbose=False)  # fmt: skip
+    with warnings.catch_warnings():
+        # one UserWarning per dynamic dim that shares its constraints with another (2 per adapted layer): noise
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        program = torch.onnx.export(wrapper.eval(), tuple(args), dynamo=True, input_names=names, output_names=outs,
+                                    dynamic_shapes=shapes, opset_version=opset, verbose=False)  # fmt: skip
     return program.model_proto
 
 
