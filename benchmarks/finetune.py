@@ -240,8 +240,9 @@ def speed_markdown(res: dict, meta: dict, cmd: str) -> str:
         g = goals.get(kind)
         goal = ""
         if g and r:
-            ok = r["step_time"] <= 1.15 and r["peak_rss"] <= 1.05
-            goal = f"time {g[0]}, RSS {g[1]}: {'met' if ok else '**missed**'}"
+            verdict = {True: "met", False: "**missed**"}
+            goal = (f"time {g[0]}: {verdict[r['step_time'] <= 1.15]}; "
+                    f"RSS {g[1]}: {verdict[r['peak_rss'] <= 1.05]}")  # fmt: skip
         trainable = next(x[kind]["trainable_params"] for x in rounds if kind in x)
         rt, rc, rm = ("1", "1", "1") if r is None else (f"{r[k]:.2f}" for k in ("step_time", "step_cpu", "peak_rss"))
         lines.append(
