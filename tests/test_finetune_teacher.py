@@ -166,7 +166,7 @@ def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init):
 
 
 def test_dropped_lowrank_matches_autograd_reference():
-    from sparsepack.layers.dropout_lowrank import dropped_lowrank, dropped_lowrank_reference
+    from sparsepack.layers.dropout_lowrank import dropped_lowrank, dropped_lowrank_reference, keep_mask
 
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 5, 12, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -177,8 +177,9 @@ def test_dropped_lowrank_matches_autograd_reference():
     y = dropped_lowrank(x, A, B, 0.5, 0.3)
     grads = torch.autograd.grad(y, (x, A, B), dy)
     torch.manual_seed(5)
-    keep = torch.empty(15, 12, dtype=torch.bool).bernoulli_(0.7).view(3, 5, 12)  # the same draw
+    keep = keep_mask(torch.empty(15, 12), 0.3).view(3, 5, 12)  # the same draw
     assert 0 < keep.sum() < keep.numel()
+    assert abs(keep_mask(torch.empty(200_000), 0.3).float().mean().item() - 0.7) < 0.005  # keeps 1 - p
     ref = dropped_lowrank_reference(x, A, B, 0.5, keep, 0.3)
     torch.testing.assert_close(y, ref)
     for g, r in zip(grads, torch.autograd.grad(ref, (x, A, B), dy), strict=True):
