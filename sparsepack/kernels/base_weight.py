@@ -16,6 +16,7 @@ Weights here are in the ``nn.Linear`` orientation, ``[out, in]``; GPTQ stores ``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -33,29 +34,31 @@ _FOLD_DTYPES = (torch.float32, torch.float64)
 Fold = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-class BaseWeight:
+class BaseWeight(ABC):
     """Interface of a frozen base; see :class:`DenseBase` and :class:`GPTQBase`."""
 
     bias: torch.Tensor | None
 
     @property
+    @abstractmethod
     def shape(self) -> tuple[int, int]:  # (out, in)
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight ``[out, in]`` in ``dtype`` (for references and tests)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def can_fold(self, backend: str, dtype: torch.dtype, tokens: int, nnz: int) -> bool:
-        raise NotImplementedError
+        """Whether ``matmul``/``matmul_t`` should take the sparse entries as a ``fold``."""
 
+    @abstractmethod
     def matmul(self, x: torch.Tensor, backend: str, fold: Fold | None = None) -> torch.Tensor:
         """``x [T, in] @ (W + S)^T + bias -> [T, out]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def matmul_t(self, dy: torch.Tensor, backend: str, fold: Fold | None = None) -> torch.Tensor:
         """``dy [T, out] @ (W + S) -> [T, in]`` (no bias)."""
-        raise NotImplementedError
 
     def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
