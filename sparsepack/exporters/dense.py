@@ -22,6 +22,7 @@ from sparsepack.formats.errors import OutputExistsError
 from sparsepack.formats.manifest import StageRecord
 from sparsepack.formats.pack import read_pack, staged_dir
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
+from sparsepack.methods.residual import svd_factors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -46,7 +47,7 @@ def _check(pack: Path, out: Path, adapter: str | None, overwrite: bool):
 def export_safetensors(pack: str | Path, out: str | Path, adapter: str | None = None, dtype: str = "fp32",
                        overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
     """A dense merged HF checkpoint of ``pack`` (with ``adapter`` folded in, if given) at ``out``."""
-    from sparsepack.pipeline.merge import _write_dense
+    from sparsepack.pipeline.merge import write_dense
     from sparsepack.runtime.loader import load
 
     if dtype not in DTYPES:
@@ -57,25 +58,10 @@ def export_safetensors(pack: str | Path, out: str | Path, adapter: str | None = 
     model = load(pack)
     pairs = [] if adapter is None else [(adapter, 1.0)]
     record = StageRecord("export", {"format": "safetensors", "adapter": adapter, "dtype": dtype})
-    _write_dense(model, model.sparsepack.pack, out, pairs, DTYPES[dtype], record, overwrite)
+    write_dense(model, model.sparsepack.pack, out, pairs, DTYPES[dtype], record, overwrite)
     return {"out": str(out), "format": "safetensors", "merged_adapter": adapter, "dtype": dtype,
             "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
             "total_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
-
-
-def svd_lora(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Best rank-``rank`` factors of ``delta [out, in]`` (Eckart-Young): ``B [out, r] @ A [r, in]``.
-
-    Returns:
-        ``(A, B, err2, total2)``: the factors (singular values split evenly between them) and the squared
-        Frobenius norms of the residual and of ``delta``.
-    """
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)  # (out, k), (k,), (k, in)
-    r = min(rank, S.numel())
-    root = S[:r].sqrt()
-    B = (U[:, :r] * root).float()  # (out, r)
-    A = (root[:, None] * Vh[:r]).float()  # (r, in)
-    return A, B, float((S[r:] ** 2).sum()), float((S**2).sum())
 
 
 def export_peft(pack: str | Path, out: str | Path, adapter: str, lora_approx: int | None = None,
@@ -110,7 +96,7 @@ def export_peft(pack: str | Path, out: str | Path, adapter: str, lora_approx: in
     else:
         modules, errors, err2_sum, tot2_sum = {}, {}, 0.0, 0.0
         for name, layer in layers.items():
-            A, B, err2, tot2 = svd_lora(layer.delta_weight(adapter, torch.float32), lora_approx)
+            A, B, err2, tot2 = svd_factors(layer.delta_weight(adapter, torch.float32), lora_approx)
             modules[name] = AdapterModule(
                 shape=(layer.out_features, layer.in_features), A=A, B=B, alpha=float(A.shape[0])
             )  # alpha = r: scaling 1, the factors carry it

@@ -34,6 +34,26 @@ class ResidualInit:
     values: torch.Tensor | None  # [nnz] fp32, R on the support in CSR order
 
 
+def svd_factors(
+    delta: torch.Tensor, rank: int, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-``rank`` fit of ``delta [out, in]`` (Eckart-Young) as ``scaling * B @ A``.
+
+    The singular values are split evenly between the factors (``B = U_r sqrt(sigma_r / scaling)``,
+    ``A = sqrt(sigma_r / scaling) V_r^T``); the SVD runs in float64 so the truncation matches any reference.
+
+    Returns:
+        ``(A [r, in], B [out, r], err2, total2)``: fp32 factors, and the squared Frobenius norms of the residual
+        ``delta - scaling * B @ A`` and of ``delta``.
+    """
+    U, sigma, Vh = torch.linalg.svd(delta.double(), full_matrices=False)  # (out, k) (k,) (k, in)
+    r = min(rank, sigma.numel())
+    root = (sigma[:r] / scaling).sqrt()  # (r,)
+    B = (U[:, :r] * root).float().contiguous()  # (out, r)
+    A = (root[:, None] * Vh[:r]).float().contiguous()  # (r, in)
+    return A, B, float((sigma[r:] ** 2).sum()), float((sigma**2).sum())
+
+
 def residual_init(w_fp: torch.Tensor, w_q: torch.Tensor, rank: int, nnz: int, scaling: float) -> ResidualInit:
     """Sparse top-``nnz`` of ``|W_fp - W_q|`` plus the rank-``rank`` SVD truncation of the rest.
 
@@ -60,9 +80,5 @@ def residual_init(w_fp: torch.Tensor, w_q: torch.Tensor, rank: int, nnz: int, sc
         resid[rows, cols] = 0.0  # the low-rank part fits what the sparse part leaves
     A = B = None
     if rank:
-        # (out, k) (k,) (k, in), k = min(out, in); float64 for a truncation that matches any reference exactly
-        U, sigma, Vh = torch.linalg.svd(resid.double(), full_matrices=False)
-        root = (sigma[:rank] / scaling).sqrt()  # (r,)
-        B = (U[:, :rank] * root).float().contiguous()  # (out, r)
-        A = (root[:, None] * Vh[:rank]).float().contiguous()  # (r, in)
+        A, B, _, _ = svd_factors(resid, rank, scaling)
     return ResidualInit(A, B, support, values)

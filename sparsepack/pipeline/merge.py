@@ -153,7 +153,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
     record = StageRecord("merge", {"adapters": adapters, "mode": mode, "dtype": dtype})
     summary: dict[str, Any] = {"path": str(out), "mode": mode, "adapters": adapters}
     if mode == "dense":
-        _write_dense(model, src, out, adapters, DTYPES[dtype], record, overwrite)
+        write_dense(model, src, out, adapters, DTYPES[dtype], record, overwrite)
         summary["seconds"] = time.perf_counter() - start
         if quality is not None and quality.windows:
             summary["quality"] = merge_quality(model, {"merged": lambda: load(out)}, adapters, quality)
@@ -162,7 +162,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense-", dir=out.absolute().parent))
     try:
-        _write_dense(model, src, tmp / "m", adapters, torch.float32, record, overwrite=False)
+        write_dense(model, src, tmp / "m", adapters, torch.float32, record, overwrite=False)
         del model
         res = compress(tmp / "m", out, qcfg, overwrite=overwrite, progress=progress)
         summary.update(seconds=time.perf_counter() - start, compress=res.summary())
@@ -177,7 +177,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
     return MergeResult(out, summary)
 
 
-def _write_dense(model, src, out: Path, adapters, dtype, record: StageRecord, overwrite: bool) -> None:
+def write_dense(model, src, out: Path, adapters, dtype, record: StageRecord, overwrite: bool) -> None:
     state, config = merged_state_dict(model, adapters, dtype)
     manifest = Manifest(base={**src.manifest.base, "merged_adapters": [n for n, _ in adapters]},
                         quantization=None, history=[*src.manifest.history, record])  # fmt: skip
