@@ -42,6 +42,7 @@ def random_rosa_pack(src: Path, out: Path, rank: int = 16, density: float = 0.00
     from sparsepack.formats.adapter_layout import Adapter, AdapterModule
     from sparsepack.formats.manifest import StageRecord
     from sparsepack.formats.pack import read_pack
+    from sparsepack.kernels import CSRSupport
     from sparsepack.pipeline.finetune import write_adapter_pack
 
     if (out / "adapters" / "rosa").is_dir():
@@ -53,13 +54,12 @@ def random_rosa_pack(src: Path, out: Path, rank: int = 16, density: float = 0.00
         in_f = pack.tensors[f"{name}.g_idx"].shape[0]
         out_f = pack.tensors[f"{name}.scales"].shape[1]
         nnz = int(density * in_f * out_f)
-        flat = torch.randperm(in_f * out_f, generator=gen)[:nnz].sort().values
-        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
-        row_ptr[1:] = torch.bincount(flat // in_f, minlength=out_f).cumsum(0).to(torch.int32)
+        flat = torch.randperm(in_f * out_f, generator=gen)[:nnz]
+        support = CSRSupport.from_coo(flat // in_f, flat % in_f, (out_f, in_f))
         mods[name] = AdapterModule(shape=(out_f, in_f), A=torch.randn(rank, in_f, generator=gen) / in_f**0.5,
                                    B=torch.randn(out_f, rank, generator=gen) * 0.01, alpha=16.0,
-                                   values=torch.randn(nnz, generator=gen) * 0.01, row_ptr=row_ptr,
-                                   col_idx=(flat % in_f).to(torch.int32))  # fmt: skip
+                                   values=torch.randn(nnz, generator=gen) * 0.01, row_ptr=support.row_ptr,
+                                   col_idx=support.col_idx)  # fmt: skip
     adapter = Adapter(mods, "rosa", {"support": "random", "note": "random values (benchmark)"})
     write_adapter_pack(
         pack, out, "rosa", adapter, StageRecord("bench-random-adapter", {"rank": rank, "density": density})

@@ -77,19 +77,19 @@ def random_rosa(shapes: dict[str, tuple[int, int]], seed: int, rank: int = RANK,
     import torch
 
     from sparsepack.formats.adapter_layout import Adapter, AdapterModule
+    from sparsepack.kernels import CSRSupport
 
     gen = torch.Generator().manual_seed(seed)
     modules = {}
     for name, (out_f, in_f) in shapes.items():
         nnz = max(1, int(density * out_f * in_f))
-        flat = torch.randperm(out_f * in_f, generator=gen)[:nnz].sort().values
-        rows, cols = flat // in_f, flat % in_f
-        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
-        row_ptr[1:] = torch.bincount(rows, minlength=out_f).cumsum(0).to(torch.int32)
+        flat = torch.randperm(out_f * in_f, generator=gen)[:nnz]
+        support = CSRSupport.from_coo(flat // in_f, flat % in_f, (out_f, in_f))
         modules[name] = AdapterModule(
             shape=(out_f, in_f), A=torch.randn(rank, in_f, generator=gen) * 0.02,
             B=torch.randn(out_f, rank, generator=gen) * 0.02, alpha=ALPHA,
-            values=torch.randn(nnz, generator=gen) * 0.01, row_ptr=row_ptr, col_idx=cols.to(torch.int32))  # fmt: skip
+            values=torch.randn(nnz, generator=gen) * 0.01, row_ptr=support.row_ptr,
+            col_idx=support.col_idx)  # fmt: skip
     return Adapter(modules=modules, method="rosa", meta={"support": "random", "benchmark": "switch"})
 
 

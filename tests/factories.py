@@ -13,6 +13,7 @@ from sparsepack.formats.adapter_layout import Adapter, AdapterModule, write_adap
 from sparsepack.formats.gptq_layout import GPTQTensors, rtn_quantize
 from sparsepack.formats.manifest import Manifest, StageRecord
 from sparsepack.formats.pack import write_pack
+from sparsepack.kernels import CSRSupport
 from tests.helpers_tokenizer import tiny_tokenizer
 
 
@@ -105,17 +106,15 @@ def random_adapter(model: LlamaForCausalLM, rank: int = 4, density: float = 0.05
             continue
         out_f, in_f = mod.weight.shape
         nnz = max(1, int(density * out_f * in_f))
-        flat = torch.randperm(out_f * in_f, generator=gen)[:nnz].sort().values
-        rows, cols = flat // in_f, flat % in_f
-        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
-        row_ptr[1:] = torch.bincount(rows, minlength=out_f).cumsum(0).to(torch.int32)
+        flat = torch.randperm(out_f * in_f, generator=gen)[:nnz]
+        support = CSRSupport.from_coo(flat // in_f, flat % in_f, (out_f, in_f))
         modules[name] = AdapterModule(
             shape=(out_f, in_f),
             A=torch.randn(rank, in_f, generator=gen) * 0.1,
             B=torch.randn(out_f, rank, generator=gen) * 0.1,
             alpha=2.0 * rank,
             values=torch.randn(nnz, generator=gen) * 0.05,
-            row_ptr=row_ptr,
-            col_idx=cols.to(torch.int32),
+            row_ptr=support.row_ptr,
+            col_idx=support.col_idx,
         )
     return Adapter(modules=modules, method="rosa", meta={"support": "random"})
