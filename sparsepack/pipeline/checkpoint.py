@@ -77,20 +77,25 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
         files = {STATE_TENSORS: {"sha256": sha256_file(tmp / STATE_TENSORS),
                                  "bytes": (tmp / STATE_TENSORS).stat().st_size}}  # fmt: skip
         (tmp / STATE_JSON).write_text(json.dumps({**meta, "files": files}, indent=2))
-    pointer = directory / f"latest.tmp-{os.getpid()}"
-    with open(pointer, "w") as f:
-        f.write(target.name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, directory / "latest")
-    _fsync_dir(directory)
+    _replace_text(directory / "latest", target.name)
     done = sorted(p for p in directory.glob("step-*") if p.is_dir() and _STEP_RE.match(p.name))
     for old in done[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    for p in directory.glob("latest.tmp*"):  # pointers of killed savers
-        if p.name != "latest.tmp" and not _pid_alive_suffix(p.name):
+    for p in [*directory.glob("latest.tmp*"), *directory.glob("metrics.jsonl.tmp*")]:  # of killed writers
+        if not p.name.endswith(".tmp") and not _pid_alive_suffix(p.name):
             p.unlink(missing_ok=True)
     return target
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically and durably: a temp file named for this process, fsynced, renamed over it."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _pid_alive_suffix(name: str) -> bool:
@@ -156,7 +161,7 @@ def clear(directory: Path) -> None:
 def trim_metrics(path: Path, step: int) -> None:
     """Drop the rows of ``metrics.jsonl`` logged after ``step``: a resume from that step logs them again.
 
-    Unparsable lines (a write cut by a crash) go too. The file is replaced atomically (temp + rename).
+    Unparsable lines (a write cut by a crash) go too. The file is replaced atomically.
     """
     if not path.is_file():
         return
@@ -168,9 +173,7 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    _replace_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
