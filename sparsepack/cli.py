@@ -85,6 +85,10 @@ def main() -> None:
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Windows per forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Picks the calibration windows.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
+              help="Weights and activations of the calibration forwards (Hessians always accumulate in fp32). "
+                   "auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Write a markdown report (and a PNG plot of per-layer error beside it).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing pack at --output (atomically).")

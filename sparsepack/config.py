@@ -33,8 +33,11 @@ class QuantConfig:
     block_size: int = 128  # GPTQ lazy-update block (speed only)
     hessian_dtype: str = "float32"  # Hessian accumulation: float32 or float64
     device: str = "cpu"  # where blocks are quantized: cpu or cuda
+    dtype: str = "auto"  # of the calibration forwards (Hessians stay fp32+); auto: bf16 where the hardware has it
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.bits not in (2, 3, 4, 8):
             raise ValueError(f"--bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:

@@ -149,6 +149,25 @@ def test_lazy_batching_is_an_exact_reordering(setup, group_size, order):
         assert p.loss == pytest.approx(ref.loss, rel=1e-9)
 
 
+@pytest.mark.parametrize("order", ["original", "act_order", "group_aware"])
+def test_joint_quantization_of_layers_sharing_an_input_equals_quantizing_each(setup, order):
+    """q/k/v (and gate/up) are quantized as one concatenated weight and split: the same codes, grids, g_idx
+    and losses as one walk per layer (fp64 so no rounding tie can flip)."""
+    X, W, _ = setup
+    H64 = _hessian(X, torch.float64)
+    layers = [W, _layer(seed=2, n=32).weight.detach(), _layer(seed=3, n=16).weight.detach()]
+    inv = invert_hessian(H64, 0.01, order == "act_order", 32 if order == "group_aware" else 0)
+    joint = gptq_quantize(torch.cat(layers), inv, 4, 32).split([w.shape[0] for w in layers])
+    for w, p in zip(layers, joint):
+        ref = gptq_quantize(w, inv, 4, 32)
+        assert torch.equal(p.q, ref.q) and torch.equal(p.scales, ref.scales) and torch.equal(p.zeros, ref.zeros)
+        assert torch.equal(p.g_idx, ref.g_idx) and p.act_order == ref.act_order
+        assert p.loss == pytest.approx(ref.loss, rel=1e-9)
+        assert torch.equal(dequantize_params(p), dequantize_params(ref))
+    with pytest.raises(ValueError, match="do not sum"):
+        joint[0].split([1, 2])
+
+
 def _obq_reference(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float) -> torch.Tensor:
     """Textbook OBS/GPTQ without Cholesky: quantize column j, update the rest with the current inverse
     Hessian, then eliminate j from it (Gaussian elimination). Per-column grid computed up front, sym."""
@@ -260,6 +279,17 @@ def test_hessian_accumulation_independent_of_batch_split(setup):
     for chunk in X.split(100):
         acc32.add(chunk)
     torch.testing.assert_close(acc32.H, whole.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [191, 576, 901])  # one strip; three; four uneven strips
+def test_strip_wise_hessian_matches_the_dense_product(k):
+    X = _calib(seed=3, k=k, rows=700)
+    acc = HessianAccumulator(k, dtype=torch.float64)
+    for chunk in X.split(256):
+        acc.add(chunk)
+    ref = 2 / 700 * X.double().t() @ X.double()
+    torch.testing.assert_close(acc.H, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    assert torch.equal(acc.H, acc.H.t())
 
 
 def test_inverse_factor(setup):

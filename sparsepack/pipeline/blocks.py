@@ -6,7 +6,8 @@
 - :func:`sequential_groups` discovers, by one probe forward, the order in which a block calls its linears
   and which of them read the same input tensor (q/k/v, gate/up): those share one Hessian.
 - :class:`ReplayCache` keeps the outputs of the block's children that can no longer change (those that
-  finished before a true-sequential pass stopped), so later passes over the same block skip recomputing them.
+  finished before a true-sequential pass stopped), and the inputs of the linears that end a child (o_proj,
+  down_proj), so later passes over the same block skip recomputing them.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
         handle.remove()
     if not captured:
         raise RuntimeError("the first decoder block was never called")
-    return captured
+    # One allocation for every batch's hidden states, the views of which each block's outputs are copied
+    # into: the long-lived activations never pin the heap (see compress._mmap_large_allocations).
+    store = torch.cat([c.hidden for c in captured])
+    sizes = [c.hidden.shape[0] for c in captured]
+    return [BlockInput(h, c.kwargs) for h, c in zip(store.split(sizes), captured)]
 
 
 def run_block(block: nn.Module, inputs: list[BlockInput], cache: ReplayCache | None = None) -> Iterator[torch.Tensor]:
@@ -126,39 +131,54 @@ class ReplayCache:
     inputs included) takes it from here. Valid only while that holds: the caller records only in passes whose
     already-called linears are final.
 
+    Tails: a child whose output *is* the output of the last linear it calls (the attention's o_proj, the
+    MLP's down_proj: checked on the probe by object identity; any other tuple item must be None) is replayed
+    as that linear applied to its recorded input, once a pass has stopped at that linear: everything before
+    it was final then, and the linear itself is quantized right after. This spares recomputing q/k/v, rotary
+    and attention in the gate/up pass, and gate/up in the last pass.
+
     Only the block's direct children are candidates, and only those a full forward calls exactly once (a
     pass that stops early cannot see a second call, so one probe forward decides): their outputs are
     hidden-sized. Deeper modules (q/k/v) would hold more memory for little more speed (measured on SmolLM2:
-    caching every finished module took the same time per block and twice the memory). Outputs carry their
-    in-place version counters: if anything downstream modified one in place, that module is recomputed
-    instead, so a replay never hands out a corrupted tensor.
+    caching every finished module took the same time per block and twice the memory). Outputs and tail
+    inputs carry their in-place version counters: if anything modified one in place, that module is
+    recomputed instead, so a replay never hands out a corrupted tensor.
 
     Args:
         block: the decoder block.
         probe: one of its calibration inputs (the probe forward uses its first row).
         max_ratio: largest output kept, as a multiple of the block input's size (memory bound: 1.0 keeps
             hidden-sized outputs such as attention and norms, not the MLP's wide intermediate ones).
+        tail_ratio: largest tail input kept, likewise (down_proj's input is intermediate-sized: 2.7x on
+            SmolLM2, 3.5x on Llama-3-8B); 0 turns tails off.
     """
 
-    def __init__(self, block: nn.Module, probe: BlockInput, max_ratio: float = 1.0):
-        self.max_ratio = max_ratio
+    def __init__(self, block: nn.Module, probe: BlockInput, max_ratio: float = 1.0, tail_ratio: float = 4.0):
+        self.max_ratio, self.tail_ratio = max_ratio, tail_ratio
         # child name -> per batch: (output, its tensors' versions when stored)
         self.outputs: dict[str, list[tuple[object, tuple[int, ...]]]] = {}
         self.recomputed = 0  # replays refused because an output had been modified in place
-        self.candidates = {n for n in _called_once(block, probe) if "." not in n}
+        once, tails = _probe(block, probe)
+        self.candidates = {n for n in once if "." not in n}
+        # tail linear (relative name) -> (its child, the child's output tuple length; 0: a bare tensor)
+        self.tails = {lin: (child, arity) for child, (lin, arity) in tails.items() if child in self.candidates}
+        # child name -> per batch: (the input of its tail linear, that tensor's version when stored)
+        self.tail_inputs: dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] = {}
 
     def nbytes(self) -> int:
-        return sum(_nbytes(out) for entries in self.outputs.values() for out, _ in entries)
+        held = sum(_nbytes(out) for entries in self.outputs.values() for out, _ in entries)
+        return held + sum(_nbytes(x) for entries in self.tail_inputs.values() for x, _ in entries)
 
     def _covered(self, name: str) -> bool:
         """``name`` or one of its ancestors is replayed (so it is never called)."""
-        return any(name == r or name.startswith(r + ".") for r in self.outputs)
+        return any(name == r or name.startswith(r + ".") for r in (*self.outputs, *self.tail_inputs))
 
     def _admit(self, recorded: dict[str, list]) -> None:
         for name, entries in recorded.items():
             # modified in place after it was returned (its recorded value is gone): never cached
             if all(_versions(out) == versions for out, versions in entries):
                 self.outputs[name] = entries
+                self.tail_inputs.pop(name, None)  # the whole output is kept now
 
     def _forward(self, module: nn.Module, entries: list, batch: list[int]):
         original = module.forward
@@ -174,27 +194,115 @@ class ReplayCache:
 
         return forward
 
+    def _tail_forward(self, module: nn.Module, linear: nn.Module, arity: int, entries: list, batch: list[int]):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            x, versions = entries[batch[0]]
+            if _versions(x) != versions:
+                self.recomputed += 1  # the recorded input was modified in place: run the whole child
+                return original(*args, **kwargs)
+            y = linear(x)
+            return (y,) + (None,) * (arity - 1) if arity else y
+
+        return forward
+
 
 @torch.no_grad()
-def _called_once(block: nn.Module, probe: BlockInput) -> set[str]:
-    """Names of the submodules one full forward of ``block`` calls exactly once (probed on one sample)."""
+def _probe(block: nn.Module, probe: BlockInput) -> tuple[set[str], dict[str, tuple[str, int]]]:
+    """One forward of ``block`` on one sample: the submodules it calls exactly once, and the tails.
+
+    Tails: direct child -> (its last-called linear, relative to the block; the child's output tuple length,
+    0 for a bare tensor), for each child whose output is that linear's output object and whose other tuple
+    items are None.
+    """
     calls: dict[str, int] = {}
-    handles = [m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
-               for n, m in block.named_modules() if n]  # fmt: skip
+    last_linear: dict[str, tuple[str, torch.Tensor]] = {}  # direct child -> (its latest linear, that output)
+    outputs: dict[str, object] = {}
+    handles = []
+    for n, m in block.named_modules():
+        if not n:
+            continue
+        handles.append(m.register_forward_pre_hook(lambda *_a, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)))
+        if "." not in n:
+            handles.append(m.register_forward_hook(lambda _m, _a, out, n=n: outputs.__setitem__(n, out)))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(
+                lambda _m, _a, out, n=n: last_linear.__setitem__(n.split(".", 1)[0], (n, out))))  # fmt: skip
     try:
         block(probe.hidden[:1], **_slice_kwargs(probe.kwargs, 1))
     finally:
         for h in handles:
             h.remove()
-    return {n for n, c in calls.items() if c == 1}
+    once = {n for n, c in calls.items() if c == 1}
+    tails = {}
+    for child, (lin, y) in last_linear.items():
+        out = outputs.get(child)
+        if child not in once or lin not in once:
+            continue
+        if out is y:
+            tails[child] = (lin, 0)
+        elif isinstance(out, tuple) and out and out[0] is y and all(o is None for o in out[1:]):
+            tails[child] = (lin, len(out))
+    return once, tails
+
+
+class _Slab:
+    """One allocation holding a tensor per calibration batch, stacked along dim 0.
+
+    Kept activations copied into slabs never pin the malloc heap: with a high mmap threshold (see
+    ``compress._mmap_large_allocations``) each slab is one mmap of its own, and the heap holds only
+    short-lived tensors, so it neither creeps nor fragments. A tensor whose dim 0 is not its batch's size,
+    or whose shape or dtype differs from the first one's, is kept as it is (``put`` returns it).
+    """
+
+    def __init__(self, sizes: list[int]):
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.store: torch.Tensor | None = None
+
+    def put(self, batch: int, t: torch.Tensor) -> torch.Tensor:
+        a, b = self.offsets[batch], self.offsets[batch + 1]
+        if t.dim() == 0 or t.shape[0] != b - a:
+            return t
+        if self.store is None:
+            self.store = t.new_empty((self.offsets[-1], *t.shape[1:]))
+        elif self.store.shape[1:] != t.shape[1:] or self.store.dtype != t.dtype:
+            return t
+        view = self.store[a:b]
+        view.copy_(t)
+        return view
+
+
+def _put(slabs: list[_Slab], sizes: list[int], batch: int, out):
+    """``out`` (a tensor or a tuple of tensors/None) with each tensor copied into its position's slab."""
+    if isinstance(out, torch.Tensor):
+        if not slabs:
+            slabs.append(_Slab(sizes))
+        return slabs[0].put(batch, out)
+    while len(slabs) < len(out):
+        slabs.append(_Slab(sizes))
+    return tuple(t if t is None else slab.put(batch, t) for slab, t in zip(slabs, out))
+
+
+def _copied(out, stored) -> bool:
+    items = zip(out, stored) if isinstance(out, tuple) else [(out, stored)]
+    return any(a is not b for a, b in items)
 
 
 class _Recorder:
-    """Forward hooks that keep, batch by batch, the outputs a pass may add to a :class:`ReplayCache`."""
+    """Forward hooks that keep, batch by batch, the outputs a pass may add to a :class:`ReplayCache`.
+
+    Outputs are copied into slabs when they are produced, so whatever later modifies the originals in place
+    cannot corrupt them; an output kept as it is (no slab fits) must still hold its recorded version.
+    """
 
     def __init__(self, cache: ReplayCache, inputs: list[BlockInput]):
         self.cache, self.inputs = cache, inputs
+        self.sizes = [inp.hidden.shape[0] for inp in inputs]
         self.entries: dict[str, list] = {}
+        self.slabs: dict[str, list[_Slab]] = {}
         self.rejected: set[str] = set()
         self.batch = 0
 
@@ -210,15 +318,21 @@ class _Recorder:
             if versions is None or len(entries) != self.batch or _numel(out) > limit:
                 self.rejected.add(name)
                 del self.entries[name]
+                self.slabs.pop(name, None)
                 return
-            entries.append((out, versions))
+            stored = _put(self.slabs.setdefault(name, []), self.sizes, self.batch, out)
+            entries.append((stored, None if _copied(out, stored) else versions))
 
         return keep
 
     def finished(self) -> dict[str, list]:
-        """Outputs recorded in every batch (handed over: the recorder lets go of all it holds)."""
-        done = {n: e for n, e in self.entries.items() if len(e) == len(self.inputs)}
-        self.entries = {}
+        """Outputs recorded in every batch (handed over: the recorder lets go of all it holds).
+
+        Copies get their versions now: views of one slab share a counter, which every copy moved.
+        """
+        done = {n: [(out, _versions(out) if v is None else v) for out, v in e]
+                for n, e in self.entries.items() if len(e) == len(self.inputs)}  # fmt: skip
+        self.entries, self.slabs = {}, {}
         return done
 
 
@@ -233,6 +347,14 @@ class _replaying:
             for name, entries in self.cache.outputs.items():
                 module = self.block.get_submodule(name)
                 module.forward = self.cache._forward(module, entries, self.batch)  # instance attr shadows the class's
+                self.patched.append(module)
+            for lin, (name, arity) in self.cache.tails.items():
+                entries = self.cache.tail_inputs.get(name)
+                if entries is None or name in self.cache.outputs:
+                    continue
+                module = self.block.get_submodule(name)
+                module.forward = self.cache._tail_forward(module, self.block.get_submodule(lin), arity, entries,
+                                                          self.batch)  # fmt: skip
                 self.patched.append(module)
         return self.batch
 
@@ -304,12 +426,22 @@ def collect_inputs(block: nn.Module, inputs: list[BlockInput], module_names: lis
     """
     handles = []
     recorder = _Recorder(cache, inputs) if cache is not None and stop_after is not None else None
+    tail = cache.tails.get(stop_after) if recorder is not None else None  # (child, arity) or None
+    if tail is not None and cache._covered(tail[0]):
+        tail = None
+    tail_inputs: list = []  # per batch: stop_after's input (a copy in tail_slab)
+    tail_slab: list[_Slab] = []
+    sizes = [inp.hidden.shape[0] for inp in inputs]
     for name, module in block.named_modules():
         if name in module_names:
 
             def hook(_m, args, name=name):
                 on_input(name, args[0])
                 if name == stop_after:
+                    x, j = args[0], len(tail_inputs)
+                    if tail is not None and j < len(inputs) and x.numel() <= cache.tail_ratio * inputs[j].hidden.numel():
+                        stored = _put(tail_slab, sizes, j, x)
+                        tail_inputs.append(stored if stored is not x else x.clone())
                     raise _Stop
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -330,3 +462,5 @@ def collect_inputs(block: nn.Module, inputs: list[BlockInput], module_names: lis
             h.remove()
     if recorder is not None:
         cache._admit(recorder.finished())
+    if tail is not None and len(tail_inputs) == len(inputs):
+        cache.tail_inputs[tail[0]] = [(x, _versions(x)) for x in tail_inputs]

@@ -40,6 +40,9 @@ class HessianAccumulator:
 
     Kept as a running mean (rescaled at each batch, as the reference GPTQ does), so ``H`` has the same value
     however the ``n`` rows are split into batches (up to float rounding) and stays O(1) in magnitude.
+    Only the upper triangle is accumulated, in column strips (``H[a:b, a:] += x[:, a:b]^T x[:, a:]``): about
+    5/8 of the full product's work at 4 strips (measured: 27-35% less time than one full ``addmm`` for
+    K = 576 and 1536 on 2 cores); :attr:`H` mirrors it into the full symmetric matrix when read.
 
     Args:
         in_features: K, the layer's input dimension.
@@ -47,24 +50,37 @@ class HessianAccumulator:
         device: where ``H`` lives.
     """
 
+    STRIP = 192  # narrowest column strip; at most 4 strips (smaller products lose BLAS efficiency)
+
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Hessian accumulation dtype must be float32 or float64, got {dtype}")
-        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # (K, K)
+        self._upper = torch.zeros(in_features, in_features, dtype=dtype, device=device)  # (K, K), upper triangle
+        strips = max(1, min(4, in_features // self.STRIP))
+        width = -(-in_features // strips)
+        self._bounds = [(a, min(a + width, in_features)) for a in range(0, in_features, width)]
         self.n = 0  # rows (tokens) seen so far
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x [..., K]`` (every leading dim is flattened into rows)."""
-        K = self.H.shape[0]
+        K = self._upper.shape[0]
         if x.shape[-1] != K:
             raise ValueError(f"inputs have last dim {x.shape[-1]}, Hessian expects {K}")
-        x = x.detach().reshape(-1, K).to(device=self.H.device, dtype=self.H.dtype)  # (m, K)
+        x = x.detach().reshape(-1, K).to(device=self._upper.device, dtype=self._upper.dtype)  # (m, K)
         m = x.shape[0]
         if m == 0:
             return
         total = self.n + m
-        self.H.addmm_(x.t(), x, beta=self.n / total, alpha=2.0 / total)  # H = n/total H + 2/total x^T x
+        for a, b in self._bounds:  # H = n/total H + 2/total x^T x, strip by strip
+            self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=self.n / total, alpha=2.0 / total)
         self.n = total
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The full symmetric ``H [K, K]`` (a new tensor)."""
+        H = self._upper.triu()
+        H += H.triu(1).t()  # the strict upper triangle mirrored (triu copies, so no aliasing)
+        return H
 
 
 @dataclass
@@ -124,27 +140,33 @@ def invert_hessian(
     if not torch.isfinite(H).all():
         raise GPTQNumericalError("Hessian has non-finite entries (inf/NaN in the calibration activations?)")
     out_dtype = torch.promote_types(H.dtype, torch.float32)
-    H = H.to(torch.float64).clone()
     K = H.shape[0]
-    diag = torch.diagonal(H)
+    diag = torch.diagonal(H).to(torch.float64)  # a copy
     dead = diag == 0
     diag[dead] = 1.0  # a dead column gets a unit curvature: its (zeroed) weight is quantized on its own
     perm = column_order(diag, act_order, group_aware)
-    if perm is not None:
-        H = H[perm][:, perm]  # (K, K) in processing order
-    mean_diag = torch.diagonal(H).mean()
-    eye = torch.eye(K, dtype=H.dtype, device=H.device)
-    current = damp
+    # GPTQ needs U upper with U^T U = Hd^-1. With J the reversal, J Hd J = Lf Lf^T gives Hd = R R^T, R = J Lf J
+    # upper, so U = R^-1 = J Lf^-1 J: one Cholesky and one triangular inverse instead of the reference's
+    # cholesky -> cholesky_inverse -> cholesky (same U; several times faster on CPU). F = J Hd J is built
+    # once and damped in place, and the inverse overwrites its identity: at most three K x K fp64 matrices
+    # live at once (the peak of a block on SmolLM2 came from here: seven).
+    order = torch.arange(K - 1, -1, -1, device=H.device) if perm is None else perm.flip(0)
+    F = H[order[:, None], order].to(torch.float64)  # (K, K) J H_perm J: one gather, then fp64
+    fdiag = torch.diagonal(F)
+    fdiag.copy_(diag[order])  # dead columns get their unit curvature
+    mean_diag = fdiag.mean()
+    current, added = damp, 0.0
     while True:
-        Hd = H + (current * mean_diag) * eye
-        # GPTQ needs U upper with U^T U = Hd^-1. With J the reversal, J Hd J = Lf Lf^T gives Hd = R R^T,
-        # R = J Lf J upper, so U = R^-1 = J Lf^-1 J: one Cholesky and one triangular inverse instead of
-        # the reference's cholesky -> cholesky_inverse -> cholesky (same U; several times faster on CPU).
-        Lf, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        fdiag.add_((current - added) * mean_diag)
+        added = current
+        Lf, info = torch.linalg.cholesky_ex(F)
         if info == 0:
-            U = torch.linalg.solve_triangular(Lf, eye, upper=False).flip(0, 1)  # (K, K) upper
+            U = torch.eye(K, dtype=F.dtype, device=F.device)
+            torch.linalg.solve_triangular(Lf, U, upper=False, out=U)  # Lf^-1, in place
+            del Lf
             if torch.isfinite(U).all():
-                return InverseHessian(U.to(out_dtype), dead, perm, current, group_aware if perm is not None else 0)
+                U = U.to(out_dtype).flip(0, 1)  # (K, K) upper, processing order
+                return InverseHessian(U, dead, perm, current, group_aware if perm is not None else 0)
         if current >= MAX_DAMP:
             raise GPTQNumericalError(
                 f"Cholesky factorization of the GPTQ Hessian failed even with dampening {current:g} "
@@ -180,6 +202,28 @@ class QuantParams:
     @property
     def out_features(self) -> int:
         return self.q.shape[1]
+
+    def split(self, sizes: list[int]) -> list[QuantParams]:
+        """Cut along the output dim into layers of ``sizes`` output features (they must sum to N).
+
+        GPTQ treats every output column on its own given the shared ``H``, so quantizing the concatenation of
+        the layers that read one input (q/k/v, gate/up) and splitting gives each layer what quantizing it
+        alone would: one column walk instead of one per layer. ``loss`` is split in proportion to the
+        per-column losses when ``stats["column_loss"]`` holds them, else left at 0.
+        """
+        if sum(sizes) != self.out_features:
+            raise ValueError(f"split sizes {sizes} do not sum to {self.out_features} output features")
+        col_loss = self.stats.get("column_loss")
+        parts, start = [], 0
+        for n in sizes:
+            cut = slice(start, start + n)
+            stats = {k: v for k, v in self.stats.items() if k != "column_loss"}
+            loss = float(col_loss[cut].sum()) / 2 if col_loss is not None else 0.0
+            parts.append(QuantParams(self.q[:, cut].contiguous(), self.zeros[:, cut].contiguous(),
+                                     self.scales[:, cut].contiguous(), self.g_idx.clone(), self.bits, self.group_size,
+                                     self.sym, self.act_order, loss, self.damp, stats))  # fmt: skip
+            start += n
+        return parts
 
     def to_gptq_tensors(self, bias: torch.Tensor | None = None) -> GPTQTensors:
         """Pack into the GPTQ-v1 tensors (qweight, qzeros = zero-1, scales, g_idx, bias)."""
@@ -353,7 +397,7 @@ def gptq_quantize(
         act_order=perm is not None,
         loss=float(losses.sum()) / 2,
         damp=inv.damp,
-        stats={"dead_columns": int(inv.dead.sum())},
+        stats={"dead_columns": int(inv.dead.sum()), "column_loss": losses},
     )
 
 
