@@ -158,7 +158,7 @@ def test_joint_quantization_of_layers_sharing_an_input_equals_quantizing_each(se
     layers = [W, _layer(seed=2, n=32).weight.detach(), _layer(seed=3, n=16).weight.detach()]
     inv = invert_hessian(H64, 0.01, order == "act_order", 32 if order == "group_aware" else 0)
     joint = gptq_quantize(torch.cat(layers), inv, 4, 32).split([w.shape[0] for w in layers])
-    for w, p in zip(layers, joint):
+    for w, p in zip(layers, joint, strict=True):
         ref = gptq_quantize(w, inv, 4, 32)
         assert torch.equal(p.q, ref.q) and torch.equal(p.scales, ref.scales) and torch.equal(p.zeros, ref.zeros)
         assert torch.equal(p.g_idx, ref.g_idx) and p.act_order == ref.act_order

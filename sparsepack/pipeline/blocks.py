@@ -88,7 +88,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     # into: the long-lived activations never pin the heap (see compress._mmap_large_allocations).
     store = torch.cat([c.hidden for c in captured])
     sizes = [c.hidden.shape[0] for c in captured]
-    return [BlockInput(h, c.kwargs) for h, c in zip(store.split(sizes), captured)]
+    return [BlockInput(h, c.kwargs) for h, c in zip(store.split(sizes), captured, strict=True)]
 
 
 def run_block(block: nn.Module, inputs: list[BlockInput], cache: ReplayCache | None = None) -> Iterator[torch.Tensor]:
@@ -283,11 +283,11 @@ def _put(slabs: list[_Slab], sizes: list[int], batch: int, out):
         return slabs[0].put(batch, out)
     while len(slabs) < len(out):
         slabs.append(_Slab(sizes))
-    return tuple(t if t is None else slab.put(batch, t) for slab, t in zip(slabs, out))
+    return tuple(t if t is None else slab.put(batch, t) for slab, t in zip(slabs[: len(out)], out, strict=True))
 
 
 def _copied(out, stored) -> bool:
-    items = zip(out, stored) if isinstance(out, tuple) else [(out, stored)]
+    items = zip(out, stored, strict=True) if isinstance(out, tuple) else [(out, stored)]
     return any(a is not b for a, b in items)
 
 
@@ -439,7 +439,8 @@ def collect_inputs(block: nn.Module, inputs: list[BlockInput], module_names: lis
                 on_input(name, args[0])
                 if name == stop_after:
                     x, j = args[0], len(tail_inputs)
-                    if tail is not None and j < len(inputs) and x.numel() <= cache.tail_ratio * inputs[j].hidden.numel():
+                    fits = j < len(inputs) and x.numel() <= cache.tail_ratio * inputs[j].hidden.numel()
+                    if tail is not None and fits:
                         stored = _put(tail_slab, sizes, j, x)
                         tail_inputs.append(stored if stored is not x else x.clone())
                     raise _Stop

@@ -239,7 +239,7 @@ def _quantize_block(block: nn.Module, prefix: str, names: list[str], inputs: lis
         else:
             parts = [_quantize_weight(lin.weight.data, H, inv, cfg) for lin in lins]
         share = (time.perf_counter() - start) / sum(lin.out_features for lin in lins)  # seconds per output row
-        for name, lin, params in zip(group, lins, parts):
+        for name, lin, params in zip(group, lins, parts, strict=True):
             start = time.perf_counter()
             w_q = gptq.dequantize_params(params, torch.float32)
             err = relative_output_error(lin.weight.data.float(), w_q, H) if H is not None else None
