@@ -136,36 +136,37 @@ def test_static_groups_where_error_feedback_inflates_later_groups():
 
 
 @pytest.mark.parametrize(
-    "group_size,order", [(-1, "original"), (32, "original"), (32, "act_order"), (64, "act_order"), (32, "group_aware")]
+    "group_size,order,static",
+    [(-1, "original", False), (32, "original", True), (32, "act_order", True), (64, "act_order", True)],
 )
-def test_lazy_batching_is_an_exact_reordering(setup, group_size, order):
-    """block_size changes only the order of the same updates (fp64 so no rounding tie can flip)."""
+def test_lazy_batching_is_an_exact_reordering(setup, group_size, order, static):
+    """With static grids, block_size changes only the order of the same updates (fp64 so no tie can flip)."""
     X, W, _ = setup
     H64 = _hessian(X, torch.float64)
-    ref = gptq_quantize(W, H64, 3, group_size, sym=False, block_size=1, **ORDERS[order])
+    kw = dict(sym=False, static_groups=static, **ORDERS[order])
+    ref = gptq_quantize(W, H64, 3, group_size, block_size=1, **kw)
     for bs in (128, 48, 7):  # 48 and 7: groups straddle block boundaries
-        p = gptq_quantize(W, H64, 3, group_size, sym=False, block_size=bs, **ORDERS[order])
+        p = gptq_quantize(W, H64, 3, group_size, block_size=bs, **kw)
         assert torch.equal(p.q, ref.q) and torch.equal(p.scales, ref.scales) and torch.equal(p.zeros, ref.zeros)
         assert p.loss == pytest.approx(ref.loss, rel=1e-9)
 
 
 @pytest.mark.parametrize("order", ["original", "act_order", "group_aware"])
-def test_joint_quantization_of_layers_sharing_an_input_equals_quantizing_each(setup, order):
-    """q/k/v (and gate/up) are quantized as one concatenated weight and split: the same codes, grids, g_idx
-    and losses as one walk per layer (fp64 so no rounding tie can flip)."""
+def test_dynamic_grids_see_the_errors_of_earlier_blocks_only(setup, order):
+    """A dynamic group's grid comes from its columns as earlier blocks left them (the reference GPTQ's timing):
+    one block per group gives the same result as single columns (every earlier error is in), while a block of
+    two groups computes its second group's grid without the first group's errors (the first grid agrees)."""
     X, W, _ = setup
     H64 = _hessian(X, torch.float64)
-    layers = [W, _layer(seed=2, n=32).weight.detach(), _layer(seed=3, n=16).weight.detach()]
-    inv = invert_hessian(H64, 0.01, order == "act_order", 32 if order == "group_aware" else 0)
-    joint = gptq_quantize(torch.cat(layers), inv, 4, 32).split([w.shape[0] for w in layers])
-    for w, p in zip(layers, joint, strict=True):
-        ref = gptq_quantize(w, inv, 4, 32)
-        assert torch.equal(p.q, ref.q) and torch.equal(p.scales, ref.scales) and torch.equal(p.zeros, ref.zeros)
-        assert torch.equal(p.g_idx, ref.g_idx) and p.act_order == ref.act_order
-        assert p.loss == pytest.approx(ref.loss, rel=1e-9)
-        assert torch.equal(dequantize_params(p), dequantize_params(ref))
-    with pytest.raises(ValueError, match="do not sum"):
-        joint[0].split([1, 2])
+    kw = dict(sym=False, **ORDERS[order])
+    single = gptq_quantize(W, H64, 3, 32, block_size=1, **kw)
+    per_group = gptq_quantize(W, H64, 3, 32, block_size=32, **kw)
+    assert torch.equal(per_group.q, single.q) and torch.equal(per_group.scales, single.scales)
+    pairs = gptq_quantize(W, H64, 3, 32, block_size=64, **kw)  # positions 0-63 and 64-127: two groups per block
+    perm = invert_hessian(H64, 0.01, order == "act_order", 32 if order == "group_aware" else 0).perm
+    first = 0 if perm is None else int(single.g_idx[perm[0]])  # the group whose grid is computed first
+    assert torch.equal(pairs.scales[first], single.scales[first])
+    assert not torch.equal(pairs.scales, single.scales) and not torch.equal(pairs.q, single.q)
 
 
 def _obq_reference(W: torch.Tensor, H: torch.Tensor, bits: int, damp: float) -> torch.Tensor:
