@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,6 +103,7 @@ class SparseLowRankLinear(nn.Module):
         self.scaling[name] = alpha / rank
         self.alpha[name] = alpha
         self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.__dict__.get("_numpy_parts", {}).pop(name, None)  # views of the old tensors
 
     def set_support(self, name: str, support: CSRSupport, values: torch.Tensor | None = None,
                     trainable: bool = True) -> None:  # fmt: skip
@@ -112,6 +114,7 @@ class SparseLowRankLinear(nn.Module):
             values = torch.zeros(support.nnz, device=self.device)
         self.supports[name] = support
         self.sparse_values[name] = nn.Parameter(values, requires_grad=trainable)
+        self.__dict__.get("_numpy_parts", {}).pop(name, None)  # views of the old tensors
         if name not in self.dropout:
             self.dropout[name] = nn.Identity()
 
@@ -119,7 +122,7 @@ class SparseLowRankLinear(nn.Module):
         for d in (self.lora_A, self.lora_B, self.sparse_values, self.dropout):
             if name in d:
                 del d[name]
-        for d in (self.scaling, self.alpha, self.supports):
+        for d in (self.scaling, self.alpha, self.supports, self.__dict__.get("_numpy_parts", {})):
             d.pop(name, None)
         self.active = [a for a in self.active if a != name]
 
@@ -297,8 +300,49 @@ def _csr(s: CSRSupport, values: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_KERNEL_MAX_TOKENS = 4  # CPU fp32 calls of at most this many tokens add the correction in one compiled call
+
+
+def _numpy_parts(layer: SparseLowRankLinear, name: str, dtype: torch.dtype) -> tuple:
+    """Adapter ``name``'s tensors as numpy views for ``_cpu_sparse.add_correction_`` (cached per layer).
+
+    The views share memory with the parameters, so in-place updates show through; the cache key holds each
+    tensor's identity and data pointer, so a replaced or moved tensor (new adapter, ``.to(...)``) rebuilds it.
+    """
+    tensors = [layer.lora_A.get(name), layer.lora_B.get(name), layer.sparse_values.get(name)]
+    support = layer.supports.get(name)
+    key = (dtype, support, layer.scaling.get(name),
+           *((id(t), t.data_ptr(), t.dtype) if t is not None else None for t in tensors))
+    cache = layer.__dict__.setdefault("_numpy_parts", {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if any(t is not None and t.dtype != dtype for t in tensors):
+        return None  # mixed dtypes: the torch path casts
+    A, B, values = (None if t is None else t.detach().numpy() for t in tensors)
+    out_f, in_f = layer.out_features, layer.in_features
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    if A is None:
+        A, B = np.empty((0, in_f), np_dtype), np.empty((out_f, 0), np_dtype)
+    if values is None:
+        values, row_ptr, col_idx = np.empty(0, np_dtype), np.zeros(out_f + 1, np.int32), np.empty(0, np.int32)
+    else:
+        row_ptr, col_idx = support.row_ptr.to(torch.int32).numpy(), support.col_idx.to(torch.int32).numpy()
+    parts = (A, B, float(layer.scaling.get(name, 1.0)), values, row_ptr, col_idx)
+    cache[name] = (key, parts)
+    return parts
+
+
 def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
     """``y2 [T, out] += correction of adapter name on x2 [T, in]`` (inference, no autograd)."""
+    if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= _KERNEL_MAX_TOKENS:
+        # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
+        parts = _numpy_parts(layer, name, x2.dtype)
+        if parts is not None:
+            from sparsepack.kernels._backend import kernel_module
+
+            kernel_module("_cpu_sparse").add_correction_(x2.detach().numpy(), y2.detach().numpy(), *parts)
+            return
     if name in layer.lora_A:
         A, B = layer.lora_A[name].to(x2.dtype), layer.lora_B[name].to(x2.dtype)
         y2.addmm_(x2 @ A.t(), B.t(), alpha=layer.scaling[name])  # (T, r) @ (r, out)
