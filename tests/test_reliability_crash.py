@@ -203,7 +203,7 @@ def _fault(target: str, when: str = "before", nth: int = 1, **kw) -> dict:
     return {"target": target, "when": when, "nth": nth, **kw}
 
 
-SHARDS_SAVE = "sparsepack.formats.shards:save_file"
+SHARDS_SAVE = "sparsepack.formats.shards:_write_shard"
 FSYNC_TREE = "sparsepack.formats.pack:_fsync_tree"
 EXCHANGE = "sparsepack.formats.pack:_rename_exchange"
 
@@ -523,7 +523,7 @@ def test_disk_full_while_writing_tensors(inputs, tmp_path, monkeypatch, small_cf
     if previous:
         _previous_pack(inputs, out)
         before = (out / MANIFEST_FILE).read_text()
-    monkeypatch.setattr("sparsepack.formats.shards.save_file", _enospc)
+    monkeypatch.setattr("sparsepack.formats.shards._write_shard", _enospc)
     pattern = r"p: writing failed \(ENOSPC: No space left on device: model-00001.safetensors.part\); the output path"
     with pytest.raises(errors.WriteError, match=pattern):
         compress(inputs / "hf", out, small_cfg, overwrite=previous, progress=False)
@@ -571,7 +571,7 @@ def test_cli_reports_a_full_disk_in_one_line(inputs, tmp_path, monkeypatch):
 
     from sparsepack.cli import main
 
-    monkeypatch.setattr("sparsepack.formats.shards.save_file", _enospc)
+    monkeypatch.setattr("sparsepack.formats.shards._write_shard", _enospc)
     r = CliRunner().invoke(main, [*_compress_argv(inputs, tmp_path / "p"), "--method", "rtn"])
     assert r.exit_code == 1, r.output
     assert "WriteError" in r.output and "ENOSPC" in r.output and "Traceback" not in r.output

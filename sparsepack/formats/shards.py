@@ -84,16 +84,7 @@ class ShardWriter:
         blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
         path = self.directory / f"model-{len(self._shards) + 1:05d}.safetensors.part"
         spill.flush()
-        with open(path, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            for _, _, _, start, end in order:
-                spill.seek(start)
-                left = end - start
-                while left:
-                    chunk = spill.read(min(left, _COPY_CHUNK))
-                    out.write(chunk)
-                    left -= len(chunk)
+        _write_shard(path, blob, spill, [(start, end) for _, _, _, start, end in order])
         spill.close()
         self._spill_path(len(self._shards)).unlink()
         self._shards.append((path, sorted(e[0] for e in entries)))
@@ -115,3 +106,17 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return [*names, "model.safetensors.index.json"]
+
+
+def _write_shard(path: Path, header: bytes, spill, ranges: list[tuple[int, int]]) -> None:
+    """``path``: the 8-byte header length, ``header``, then the spill's byte ``ranges`` in order."""
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)))
+        out.write(header)
+        for start, end in ranges:
+            spill.seek(start)
+            left = end - start
+            while left:
+                chunk = spill.read(min(left, _COPY_CHUNK))
+                out.write(chunk)
+                left -= len(chunk)

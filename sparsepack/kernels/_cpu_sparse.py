@@ -140,36 +140,35 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
 
 
 @numba.njit(**_JIT)
-def _correction_kernel(x, y, A, B, scaling, values, row_ptr, col_idx):  # pragma: no cover - compiled
+def _correction_kernel(x, y, A, Bt, scaling, values, row_ptr, col_idx):  # pragma: no cover - compiled
     # y[t] += scaling * B (A x[t]) + S x[t] in place, token by token.  x (T, in), y (T, out), A (r, in) and
-    # B (out, r) (r = 0: no low-rank part), CSR S (out, in) (no stored entries: no sparse part).
+    # Bt = B^T (r, out) (r = 0: no low-rank part), CSR S (out, in) (no stored entries: no sparse part).
     T, n_out, r = x.shape[0], y.shape[1], A.shape[0]
-    u = np.empty(r, dtype=y.dtype)
     for t in range(T):
-        xt = x[t]
-        for k in range(r):
+        xt, yt = x[t], y[t]
+        for k in range(r):  # u_k = scaling * A_k . x, then y += u_k * B[:, k]: two unit-stride loops
             arow = A[k]
             s = y.dtype.type(0.0)
             for i in range(xt.shape[0]):
                 s += arow[i] * xt[i]
-            u[k] = s * scaling
-        yt = y[t]
+            u = s * scaling
+            brow = Bt[k]
+            for o in range(n_out):
+                yt[o] += brow[o] * u
         for o in range(n_out):
             acc = y.dtype.type(0.0)
-            brow = B[o]
-            for k in range(r):
-                acc += brow[k] * u[k]
             for j in range(row_ptr[o], row_ptr[o + 1]):
                 acc += values[j] * xt[col_idx[j]]
             yt[o] += acc
 
 
-def add_correction_(x, y, A, B, scaling, values, row_ptr, col_idx) -> None:
-    """``y [T, out] += scaling * (x A^T) B^T + x S^T`` in place for a few tokens, one compiled call.
+def add_correction_(x, y, A, Bt, scaling, values, row_ptr, col_idx) -> None:
+    """``y [T, out] += scaling * (x A^T) Bt + x S^T`` in place for a few tokens, one compiled call.
 
     All arguments are numpy arrays of one float dtype (fp32 or fp64), ``x [T, in]`` and ``y`` C-contiguous;
-    ``A [r, in]``/``B [out, r]`` with ``r = 0`` and ``values``/``col_idx`` empty with ``row_ptr`` all zero skip a
-    part. Decode-sized inputs only: a token costs ``r * (in + out) + nnz`` multiply-adds in one thread, where
-    the torch path pays the dispatch of five or six small ops per layer (its fixed cost dominates at T = 1).
+    ``A [r, in]`` and ``Bt = B^T [r, out]`` with ``r = 0``, and ``values``/``col_idx`` empty with ``row_ptr`` all
+    zero, skip a part. Decode-sized inputs only: a token costs ``r * (in + out) + nnz`` multiply-adds in one
+    thread, where the torch path pays the dispatch of five or six small ops per layer (its fixed cost
+    dominates at T = 1).
     """
-    _correction_kernel(x, y, A, B, scaling, values, row_ptr, col_idx)
+    _correction_kernel(x, y, A, Bt, scaling, values, row_ptr, col_idx)

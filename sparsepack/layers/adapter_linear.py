@@ -59,6 +59,9 @@ class SparseLowRankLinear(nn.Module):
         self.fused: str | None = None  # adapter folded into a dense base weight (see fuse)
         self._unfuse: tuple | None = None
         self._spare: torch.Tensor | None = None  # weight-sized buffer kept by unfuse for the next fuse
+        # adapter name -> (B, B's version, kernel arguments) for the decode kernel (see _numpy_parts); emptied
+        # whenever an adapter's tensors are replaced or the module is moved or cast (_apply)
+        self._numpy_parts: dict[str, tuple] = {}
 
     # ----------------------------------------------------------------------------------------- adapters
 
@@ -103,7 +106,7 @@ class SparseLowRankLinear(nn.Module):
         self.scaling[name] = alpha / rank
         self.alpha[name] = alpha
         self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.__dict__.get("_numpy_parts", {}).pop(name, None)  # views of the old tensors
+        self._numpy_parts.pop(name, None)  # views of the old tensors
 
     def set_support(self, name: str, support: CSRSupport, values: torch.Tensor | None = None,
                     trainable: bool = True) -> None:  # fmt: skip
@@ -114,7 +117,7 @@ class SparseLowRankLinear(nn.Module):
             values = torch.zeros(support.nnz, device=self.device)
         self.supports[name] = support
         self.sparse_values[name] = nn.Parameter(values, requires_grad=trainable)
-        self.__dict__.get("_numpy_parts", {}).pop(name, None)  # views of the old tensors
+        self._numpy_parts.pop(name, None)  # views of the old tensors
         if name not in self.dropout:
             self.dropout[name] = nn.Identity()
 
@@ -122,9 +125,13 @@ class SparseLowRankLinear(nn.Module):
         for d in (self.lora_A, self.lora_B, self.sparse_values, self.dropout):
             if name in d:
                 del d[name]
-        for d in (self.scaling, self.alpha, self.supports, self.__dict__.get("_numpy_parts", {})):
+        for d in (self.scaling, self.alpha, self.supports, self._numpy_parts):
             d.pop(name, None)
         self.active = [a for a in self.active if a != name]
+
+    def _apply(self, fn, recurse=True):
+        self._numpy_parts.clear()  # .to()/.float()/...: parameters may get new storage
+        return super()._apply(fn, recurse)
 
     def export_adapter(self, name: str) -> AdapterModule:
         """The stored form of adapter ``name`` (detached CPU tensors)."""
@@ -303,33 +310,32 @@ def _csr(s: CSRSupport, values: torch.Tensor) -> torch.Tensor:
 _KERNEL_MAX_TOKENS = 4  # CPU fp32 calls of at most this many tokens add the correction in one compiled call
 
 
-def _numpy_parts(layer: SparseLowRankLinear, name: str, dtype: torch.dtype) -> tuple:
-    """Adapter ``name``'s tensors as numpy views for ``_cpu_sparse.add_correction_`` (cached per layer).
+def _numpy_parts(layer: SparseLowRankLinear, name: str) -> tuple | None:
+    """Adapter ``name``'s fp32 tensors as the decode kernel's arguments (cached per layer; None: not fp32).
 
-    The views share memory with the parameters, so in-place updates show through; the cache key holds each
-    tensor's identity and data pointer, so a replaced or moved tensor (new adapter, ``.to(...)``) rebuilds it.
+    ``A``, the values and the support are numpy views sharing memory with the parameters, so in-place updates
+    show through; ``B`` goes in transposed (``[r, out]``: the kernel's axpy rows), a copy rebuilt when ``B``'s
+    version moves. The layer empties the cache when it replaces an adapter's tensors or is moved or cast.
     """
-    tensors = [layer.lora_A.get(name), layer.lora_B.get(name), layer.sparse_values.get(name)]
-    support = layer.supports.get(name)
-    key = (dtype, support, layer.scaling.get(name),
-           *((id(t), t.data_ptr(), t.dtype) if t is not None else None for t in tensors))
-    cache = layer.__dict__.setdefault("_numpy_parts", {})
-    hit = cache.get(name)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    if any(t is not None and t.dtype != dtype for t in tensors):
-        return None  # mixed dtypes: the torch path casts
-    A, B, values = (None if t is None else t.detach().numpy() for t in tensors)
+    hit = layer._numpy_parts.get(name)
+    if hit is not None and (hit[0] is None or hit[0]._version == hit[1]):
+        return hit[2]
+    A, B, values = layer.lora_A.get(name), layer.lora_B.get(name), layer.sparse_values.get(name)
+    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu") for t in (A, B, values)):
+        return None
     out_f, in_f = layer.out_features, layer.in_features
-    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     if A is None:
-        A, B = np.empty((0, in_f), np_dtype), np.empty((out_f, 0), np_dtype)
-    if values is None:
-        values, row_ptr, col_idx = np.empty(0, np_dtype), np.zeros(out_f + 1, np.int32), np.empty(0, np.int32)
+        a, bt = np.empty((0, in_f), np.float32), np.empty((0, out_f), np.float32)
     else:
-        row_ptr, col_idx = support.row_ptr.to(torch.int32).numpy(), support.col_idx.to(torch.int32).numpy()
-    parts = (A, B, float(layer.scaling.get(name, 1.0)), values, row_ptr, col_idx)
-    cache[name] = (key, parts)
+        a, bt = A.detach().numpy(), B.detach().t().contiguous().numpy()
+    if values is None:
+        v, row_ptr, col_idx = np.empty(0, np.float32), np.zeros(out_f + 1, np.int32), np.empty(0, np.int32)
+    else:
+        s = layer.supports[name]
+        v = values.detach().numpy()
+        row_ptr, col_idx = s.row_ptr.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
+    parts = (a, bt, float(layer.scaling.get(name, 1.0)), v, row_ptr, col_idx)
+    layer._numpy_parts[name] = (B, None if B is None else B._version, parts)
     return parts
 
 
@@ -337,7 +343,7 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
     """``y2 [T, out] += correction of adapter name on x2 [T, in]`` (inference, no autograd)."""
     if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= _KERNEL_MAX_TOKENS:
         # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
-        parts = _numpy_parts(layer, name, x2.dtype)
+        parts = _numpy_parts(layer, name)
         if parts is not None:
             from sparsepack.kernels._backend import kernel_module
 
