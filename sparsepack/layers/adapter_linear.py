@@ -30,6 +30,7 @@ from sparsepack.kernels import (
     csr_row_indices,
     sparse_lowrank_linear_multi,
 )
+from sparsepack.kernels._backend import kernel_module
 from sparsepack.layers.dropout_lowrank import dropped_lowrank
 from sparsepack.layers.quantized_linear import QuantizedLinear
 
@@ -345,8 +346,6 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
         # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
         parts = _numpy_parts(layer, name)
         if parts is not None:
-            from sparsepack.kernels._backend import kernel_module
-
             kernel_module("_cpu_sparse").add_correction_(x2.detach().numpy(), y2.detach().numpy(), *parts)
             return
     if name in layer.lora_A:

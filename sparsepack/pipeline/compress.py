@@ -13,6 +13,7 @@ quantized outputs; finally run the quantized block to produce the next block's i
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -56,8 +57,9 @@ REPLAY_MAX_RATIO = 1.0
 REPLAY_TAIL_RATIO = 4.0
 
 
+@functools.cache
 def _libc():
-    """glibc's handle, or None (not Linux, or a libc without mallopt/malloc_trim such as musl)."""
+    """glibc's handle, or None (not Linux, or a libc without mallopt/malloc_trim such as musl); loaded once."""
     if sys.platform != "linux":
         return None
     try:
