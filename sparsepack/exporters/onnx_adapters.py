@@ -12,14 +12,15 @@ initializer of size 1 (an all-zero correction): with no active adapter the graph
 that does not touch slot ``i`` leaves it at those defaults. ``DIR/adapters/NAME.onnx_adapter`` holds one
 adapter's tensors (``onnxruntime.AdapterFormat``); ``RunOptions.add_active_adapter`` switches between them.
 
-The sparse term is an ``If`` on the number of token rows, because onnxruntime's CPU kernels favour opposite
-layouts (measured on a 576 -> 1536 layer, 0.6% density, one thread; docs/BENCHMARKS.md, ONNX export):
+The sparse term is exact in onnxruntime with any thread count: its scatter-adds are ``ScatterElements(add)``,
+which onnxruntime's CPU EP runs serially. ``ScatterND(add)`` is faster at many rows but runs its indices in
+parallel and loses updates to a repeated row (measured: 48 of 50 runs wrong at 2 threads, 1536 x 128, 5308
+entries); a sparse row with several entries is the rule, so it is not used. An ``If`` on the number of token
+rows picks between
 
-- one row (decode): ``GatherElements`` of ``x``'s features + ``ScatterElements(add)`` into ``y``: typed
-  per-element loops, about 15 us; the generic ``Gather``/``ScatterND`` of ``index_add`` copy one 4-byte block per
-  entry and took about 120 us;
-- many rows (prefill): feature-major ``x^T [in, rows]``, ``Gather`` on axis 0 and ``ScatterND(add)`` on ``y^T``
-  copy whole ``rows``-long blocks: 4x faster than the last-axis ``index_add`` pattern at 128 tokens.
+- one row (decode): ``x`` and ``y`` viewed 1-D, ``GatherElements`` + ``Mul`` + ``ScatterElements`` (no index
+  broadcast);
+- many rows (prefill): the same on the last axis, the index vectors broadcast over the rows.
 """
 
 from __future__ import annotations
@@ -35,23 +36,21 @@ ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 
 
-# The scatter-adds accumulate in fp32: onnxruntime's CPU ScatterND / ScatterElements have no fp16 `add`
-# reduction (an fp16 export would fail at run time); for fp32 graphs the casts are no-ops and vanish.
+# The scatter-adds accumulate in fp32: onnxruntime's CPU ScatterElements has no fp16 `add` reduction (an fp16
+# export would fail at run time); for fp32 graphs the casts are no-ops and vanish.
+
+
+def _sparse_one_row(x, y, values, rows, cols):
+    """``y + x S^T`` for a single token row, on 1-D views (the If picks it only when ``x`` holds one row)."""
+    contrib = x.reshape(-1).gather(0, cols) * values  # (nnz,)
+    return y.reshape(-1).float().scatter_add(0, rows, contrib.float()).reshape(y.shape).to(y.dtype)
 
 
 def _sparse_rowwise(x, y, values, rows, cols):
-    """``y + x S^T`` with per-element gather/scatter over the last axis (fast for a single token row)."""
+    """``y + x S^T`` with per-element gather/scatter over the last axis, for any number of rows."""
     shape = (*x.shape[:-1], cols.shape[0])  # (..., nnz)
     contrib = torch.gather(x, -1, cols.expand(shape)) * values
     return y.float().scatter_add(-1, rows.expand(shape), contrib.float()).to(y.dtype)
-
-
-def _sparse_featuremajor(x, y, values, rows, cols):
-    """``y + x S^T`` on transposed ``[features, rows]`` views: block copies of ``rows`` floats per entry."""
-    xt = x.reshape(-1, x.shape[-1]).t()  # (in, BT)
-    contrib = xt.index_select(0, cols) * values[:, None]  # (nnz, BT)
-    yt = y.reshape(-1, y.shape[-1]).t().float().index_add(0, rows, contrib.float())  # (out, BT), fp32
-    return yt.t().contiguous().reshape(y.shape).to(y.dtype)  # both If branches must give the same strides
 
 
 class AdapterSlotLinear(nn.Module):
@@ -66,7 +65,7 @@ class AdapterSlotLinear(nn.Module):
         A_t, B_t, values, rows, cols = self.slot
         y = self.base(x) + (x @ A_t) @ B_t  # (..., r) -> (..., out)
         one_row = x.numel() // x.shape[-1] == 1
-        return torch.cond(one_row, _sparse_rowwise, _sparse_featuremajor, (x, y, values, rows, cols))
+        return torch.cond(one_row, _sparse_one_row, _sparse_rowwise, (x, y, values, rows, cols))
 
 
 def slot_names(i: int) -> list[str]:
