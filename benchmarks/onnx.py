@@ -318,12 +318,13 @@ def markdown(r: dict) -> str:
         "With the load this machine had, each variant's rounds spread widely (all values in the JSON); ratios "
         "between ORT variants measured in the same rounds are the figures to read.",
         "",
-        "The unfused sparse term runs as an `If` on the number of token rows: `GatherElements` + "
-        "`ScatterElements(add)` for one row (decode), feature-major `Gather` + `ScatterND(add)` for more (prefill); "
-        "the `index_add` pattern it replaced (last-axis `Gather` + `ScatterND` with transposes) cost +32% decode "
-        "in the previous session's measurement. "
-        "Single-layer measurements behind that choice (576 -> 1536, 0.6%, 1 thread) are in "
-        "`sparsepack/exporters/onnx_adapters.py`.",
+        "The unfused sparse term runs as an `If` on the number of token rows: 1-D `GatherElements` + `Mul` + "
+        "`ScatterElements(add)` for one row (decode), the same on the last axis with broadcast indices for more "
+        "(prefill). Both are exact at any thread count. The faster feature-major `ScatterND(add)` prefill used "
+        "before 2026-11-24 lost updates to repeated rows when onnxruntime ran it on 2 threads (the 2.5e-03 logit "
+        "difference of that run; a single-layer test reproduced it in most runs); exact prefill costs the "
+        "serial per-element scatter. Per-op and per-layer measurements behind these choices are in "
+        "`sparsepack/exporters/onnx_adapters.py` and the notes below the table in `docs/BENCHMARKS.md`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -343,7 +344,7 @@ def main() -> None:
     md = markdown(r)
     print(md)
     if args.md is not None:
-        write_md_part(args.md, SECTION, md, lambda heading: True)
+        write_md_part(args.md, SECTION, md, lambda heading: heading == "")  # keeps hand-written ### notes
 
 
 if __name__ == "__main__":
