@@ -140,9 +140,9 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
 
 
 @numba.njit(**_JIT)
-def _correction_kernel(x, y, A, Bt, scaling, values, row_ptr, col_idx):  # pragma: no cover - compiled
+def _correction_kernel(x, y, A, Bt, scaling, values, row_idx, col_idx):  # pragma: no cover - compiled
     # y[t] += scaling * B (A x[t]) + S x[t] in place, token by token.  x (T, in), y (T, out), A (r, in) and
-    # Bt = B^T (r, out) (r = 0: no low-rank part), CSR S (out, in) (no stored entries: no sparse part).
+    # Bt = B^T (r, out) (r = 0: no low-rank part), S as COO (row_idx, col_idx, values) (empty: no sparse part).
     T, n_out, r = x.shape[0], y.shape[1], A.shape[0]
     for t in range(T):
         xt, yt = x[t], y[t]
@@ -151,24 +151,22 @@ def _correction_kernel(x, y, A, Bt, scaling, values, row_ptr, col_idx):  # pragm
             s = y.dtype.type(0.0)
             for i in range(xt.shape[0]):
                 s += arow[i] * xt[i]
-            u = s * scaling
+            u = y.dtype.type(s * scaling)  # stay in y's dtype: a float64 u made the axpy below scalar
             brow = Bt[k]
             for o in range(n_out):
                 yt[o] += brow[o] * u
-        for o in range(n_out):
-            acc = y.dtype.type(0.0)
-            for j in range(row_ptr[o], row_ptr[o + 1]):
-                acc += values[j] * xt[col_idx[j]]
-            yt[o] += acc
+        # one flat loop over the entries: rows average a few entries, so a per-row loop pays its setup per row
+        for j in range(values.shape[0]):
+            yt[row_idx[j]] += values[j] * xt[col_idx[j]]
 
 
-def add_correction_(x, y, A, Bt, scaling, values, row_ptr, col_idx) -> None:
+def add_correction_(x, y, A, Bt, scaling, values, row_idx, col_idx) -> None:
     """``y [T, out] += scaling * (x A^T) Bt + x S^T`` in place for a few tokens, one compiled call.
 
     All arguments are numpy arrays of one float dtype (fp32 or fp64), ``x [T, in]`` and ``y`` C-contiguous;
-    ``A [r, in]`` and ``Bt = B^T [r, out]`` with ``r = 0``, and ``values``/``col_idx`` empty with ``row_ptr`` all
-    zero, skip a part. Decode-sized inputs only: a token costs ``r * (in + out) + nnz`` multiply-adds in one
+    ``A [r, in]`` and ``Bt = B^T [r, out]`` with ``r = 0``, and empty ``values``/``row_idx``/``col_idx`` (int32
+    COO), skip a part. Decode-sized inputs only: a token costs ``r * (in + out) + nnz`` multiply-adds in one
     thread, where the torch path pays the dispatch of five or six small ops per layer (its fixed cost
     dominates at T = 1).
     """
-    _correction_kernel(x, y, A, Bt, scaling, values, row_ptr, col_idx)
+    _correction_kernel(x, y, A, Bt, scaling, values, row_idx, col_idx)

@@ -308,6 +308,7 @@ def _csr(s: CSRSupport, values: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_add_correction = None  # kernels._cpu_sparse.add_correction_, imported on first use
 _KERNEL_MAX_TOKENS = 4  # CPU fp32 calls of at most this many tokens add the correction in one compiled call
 
 
@@ -330,12 +331,12 @@ def _numpy_parts(layer: SparseLowRankLinear, name: str) -> tuple | None:
     else:
         a, bt = A.detach().numpy(), B.detach().t().contiguous().numpy()
     if values is None:
-        v, row_ptr, col_idx = np.empty(0, np.float32), np.zeros(out_f + 1, np.int32), np.empty(0, np.int32)
+        v, row_idx, col_idx = np.empty(0, np.float32), np.empty(0, np.int32), np.empty(0, np.int32)
     else:
         s = layer.supports[name]
         v = values.detach().numpy()
-        row_ptr, col_idx = s.row_ptr.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
-    parts = (a, bt, float(layer.scaling.get(name, 1.0)), v, row_ptr, col_idx)
+        row_idx, col_idx = s.row_idx.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
+    parts = (a, bt, float(layer.scaling.get(name, 1.0)), v, row_idx, col_idx)
     layer._numpy_parts[name] = (B, None if B is None else B._version, parts)
     return parts
 
@@ -346,7 +347,12 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
         # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
         parts = _numpy_parts(layer, name)
         if parts is not None:
-            kernel_module("_cpu_sparse").add_correction_(x2.detach().numpy(), y2.detach().numpy(), *parts)
+            global _add_correction
+            if _add_correction is None:  # looked up once: this runs once per layer per decoded token
+                _add_correction = kernel_module("_cpu_sparse").add_correction_
+            if x2.requires_grad or y2.requires_grad:  # detach() costs as much as the view: only when needed
+                x2, y2 = x2.detach(), y2.detach()
+            _add_correction(x2.numpy(), y2.numpy(), *parts)
             return
     if name in layer.lora_A:
         A, B = layer.lora_A[name].to(x2.dtype), layer.lora_B[name].to(x2.dtype)
