@@ -50,9 +50,9 @@ NOTES = [
     "short of the 5x goal, which is SHiRA's figure for sparse-only adapters at 1-2% density. The sparse-only "
     "row shows the scatter-only path at RoSA's equal budget (density 5.2%, 5.5M scattered values): 2x.",
     "- **unfused overhead** is the correction's extra calls per layer (one low-rank `addmm`, one sparse CSR "
-    "product) against the base product: 1.11-1.26x here, against PEFT's own 1.11-1.17x for an unmerged LoRA "
-    "r=16 (which has no sparse part). It is largest when decoding one token at a time, where each of the 210 "
-    "layers' base product takes only tens of microseconds. Goal (<= 1.15x) missed except for 4-bit prefill.",
+    "product; at most 4 tokens: one compiled call) against the base product: 1.06-1.17x here, against PEFT's "
+    "own 1.06-1.18x for an unmerged LoRA r=16 (which has no sparse part). Goal (<= 1.15x) met except for "
+    "prefill on the fp32 base.",
     "- **load**: `sparsepack.load` is slower and larger than `from_pretrained` of the fp16 model here: it "
     "verifies every file's sha256 (the `verify=False` row), computes unquantized tensors in fp32 on CPU (the "
     "tied 49152 x 576 embedding is upcast: 113 MB written, and its fp16 pages are touched), and the first "
