@@ -308,7 +308,6 @@ def _csr(s: CSRSupport, values: torch.Tensor) -> torch.Tensor:
     return t
 
 
-_add_correction = None  # kernels._cpu_sparse.add_correction_, imported on first use
 _KERNEL_MAX_TOKENS = 4  # CPU fp32 calls of at most this many tokens add the correction in one compiled call
 
 
@@ -347,12 +346,9 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
         # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
         parts = _numpy_parts(layer, name)
         if parts is not None:
-            global _add_correction
-            if _add_correction is None:  # looked up once: this runs once per layer per decoded token
-                _add_correction = kernel_module("_cpu_sparse").add_correction_
             if x2.requires_grad or y2.requires_grad:  # detach() costs as much as the view: only when needed
                 x2, y2 = x2.detach(), y2.detach()
-            _add_correction(x2.numpy(), y2.numpy(), *parts)
+            kernel_module("_cpu_sparse").add_correction_(x2.numpy(), y2.numpy(), *parts)
             return
     if name in layer.lora_A:
         A, B = layer.lora_A[name].to(x2.dtype), layer.lora_B[name].to(x2.dtype)
