@@ -15,6 +15,7 @@ from sparsepack.kernels import (
     SparsePart,
     _backend,
     _cpu_dequant,
+    _cpu_sparse,
     base_weight,
     dequant_matmul,
     dequant_matmul_reference,
@@ -33,6 +34,7 @@ from sparsepack.kernels import (
     spmm_t,
     spmm_t_reference,
 )
+from sparsepack.kernels._backend import kernel_module
 from sparsepack.kernels.fisher import round_stochastic
 
 # Relative error ||fast - ref|| / ||ref|| allowed, by compute dtype. fp32/fp64: the paths differ only in
@@ -43,7 +45,7 @@ REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.fixture(autouse=True)
 def single_thread_torch():
     """Tiny tensors: torch's OpenMP barriers cost a scheduler slice each on a busy 2-core box (400x slower
-    gradchecks measured); the numba kernels keep their own threads."""
+    gradchecks measured); the numba kernels follow torch's count, so they run their serial drivers."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -67,6 +69,13 @@ def gptq_tensors(K: int, N: int, bits: int, group: int, act_order: bool, seed: i
     return GPTQTensors.from_int(q, zeros, scales, g_idx, bits, bias=torch.randn(N, generator=gen))
 
 
+def use_driver(driver: str, monkeypatch) -> None:
+    """Make the numba kernels take their ``parallel`` driver (two threads, any size) or the ``serial`` one."""
+    if driver == "parallel":
+        monkeypatch.setattr(_cpu_sparse, "_PARALLEL_MIN_NS", 0)
+        torch.set_num_threads(2)  # the autouse fixture puts it back
+
+
 def support(
     out_f: int, in_f: int, density: float, seed: int = 0, full_row: int | None = None, empty_rows: tuple[int, ...] = ()
 ) -> CSRSupport:
@@ -88,7 +97,9 @@ def support(
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_dequant_matmul_cpu_matches_reference(bits, act_order, monkeypatch):
+@pytest.mark.parametrize("driver", ["serial", "parallel"])
+def test_dequant_matmul_cpu_matches_reference(bits, act_order, driver, monkeypatch):
+    use_driver(driver, monkeypatch)
     monkeypatch.setattr(_cpu_dequant, "_CHUNK_ELEMENTS", 64 * 96)  # several chunks of 64 rows
     t = gptq_tensors(192, 96, bits, 64, act_order)
     args = (t.qweight, t.qzeros, t.scales, t.g_idx, bits)
@@ -143,7 +154,7 @@ def test_quantized_linear_goes_through_the_fast_path():
 # ---------------------------------------------------------------------------------------------------------
 
 SPARSE_CASES = {
-    "random": dict(out_f=96, in_f=64, density=0.05),
+    "random": dict(out_f=97, in_f=64, density=0.05),  # 97: a partial block of rows in every kernel
     "full_and_empty_rows": dict(out_f=64, in_f=128, density=0.02, full_row=5, empty_rows=(0, 1, 63)),
     "nnz0": dict(out_f=64, in_f=64, density=0.0),
     "dense": dict(out_f=32, in_f=48, density=1.0),
@@ -152,7 +163,9 @@ SPARSE_CASES = {
 
 @pytest.mark.parametrize("case", list(SPARSE_CASES))
 @pytest.mark.parametrize("tokens", [1, 77])
-def test_sparse_ops_cpu_match_reference(case, tokens):
+@pytest.mark.parametrize("driver", ["serial", "parallel"])
+def test_sparse_ops_cpu_match_reference(case, tokens, driver, monkeypatch):
+    use_driver(driver, monkeypatch)
     sup = support(**SPARSE_CASES[case])
     out_f, in_f = sup.shape
     vals = torch.randn(sup.nnz)
@@ -162,6 +175,11 @@ def test_sparse_ops_cpu_match_reference(case, tokens):
     assert_close(spmm_t(dy, vals, *csr, backend="cpu"), spmm_t_reference(dy, vals, *csr), torch.float32)
     got = sddmm(dy, x, sup.row_idx, sup.col_idx, backend="cpu")
     assert_close(got, sddmm_reference(dy, x, sup.row_idx, sup.col_idx), torch.float32)
+    y = torch.randn(tokens, out_f)  # the inference path adds the product into the base's output in place
+    want = y + spmm_reference(x, vals, *csr)
+    kernel_module("_cpu_sparse").add_spmm_(x.numpy(), y.numpy(), vals.numpy(), sup.row_ptr.numpy(),
+                                           sup.col_idx.numpy())  # fmt: skip
+    assert_close(y, want, torch.float32)
 
 
 def test_sparse_dispatchers_are_differentiable():

@@ -303,8 +303,8 @@ def test_adapter_layer_cache_follows_wrapping_and_unwrapping(packs):
 
 @pytest.mark.parametrize("base", ["dense", "q"])
 def test_unfused_inference_equals_the_dense_reference(packs, base):
-    """The no-autograd path (torch CSR + addmm in place) against W + s B A + S computed densely; on the GPTQ
-    base the 5-token call takes the folding kernel and the one-token calls the split path."""
+    """The no-autograd path (addmm and the compiled CSR product, in place) against W + s B A + S computed
+    densely; on the GPTQ base the 5-token call takes the folding kernel and the one-token calls the split path."""
     model = sparsepack.load(packs / base, adapter=["a", "b"])
     layer = model.model.layers[1].mlp.down_proj
     x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 from types import ModuleType
 
 import torch
@@ -99,3 +100,23 @@ def _configure_numba() -> None:
     import numba
 
     numba.config.THREADING_LAYER = "workqueue"
+
+
+_numba_threads: dict[int, int] = {}  # calling thread -> the torch thread count last mirrored into numba
+
+
+def match_torch_threads() -> None:
+    """Run numba's parallel kernels on as many threads as torch's intra-op pool (``torch.set_num_threads``).
+
+    numba otherwise starts one thread per core whatever torch was told: with ``torch.set_num_threads(1)`` a
+    compiled product beside torch's single-threaded ops took two cores (and more CPU time than torch's own
+    CSR product). numba's setting is per calling thread, so it is mirrored per thread; about 0.2 us per call
+    once set.
+    """
+    n = torch.get_num_threads()
+    key = threading.get_ident()
+    if _numba_threads.get(key) != n:
+        import numba
+
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _numba_threads[key] = n

@@ -19,78 +19,102 @@ import numba
 import numpy as np
 import torch
 
-from sparsepack.kernels._cpu_sparse import _JIT, coo_to_csc
+from sparsepack.kernels._backend import match_torch_threads
+from sparsepack.kernels._cpu_sparse import _JIT, coo_to_csc, parallel
 
 _CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per chunk: whole SmolLM2/7B-attention layers in one or a few chunks
 _GEMV_MAX_TOKENS = 4  # up to this many tokens the fused kernel beats dequantize-then-GEMM
 _GEMV_COLS = 256  # output columns per fused-kernel task
 
 
-@numba.njit(parallel=True, **_JIT)
-def _dequant_kernel(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out):  # pragma: no cover
-    # out[k - k0, n] = scales[g, n] * (q[k, n] - zeros[g, n]) + sum of folded entries, g = g_idx[k].
+@numba.njit(**_JIT)
+def _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out, i):  # pragma: no cover
+    # out[i, n] = scales[g, n] * (q[k, n] - zeros[g, n]) + the folded entries of row k = k0 + i, g = g_idx[k].
     # qweight int32 (K*bits/32, N) is one little-endian bit stream per column; zeros/scales (G, N) float.
     n_cols = qweight.shape[1]
     mask = np.int32((1 << bits) - 1)
     ftype = out.dtype.type
-    for i in numba.prange(out.shape[0]):
-        k = k0 + i
-        bit = k * bits
-        w = bit >> 5
-        off = bit & 31
-        g = g_idx[k]
-        orow = out[i]
-        lo = qweight[w]
-        zrow = zeros[g]
-        srow = scales[g]
-        if off + bits <= 32:
-            for n in range(n_cols):
-                q = (lo[n] >> off) & mask  # arithmetic shift is fine: the kept bits are below 32 - off
-                orow[n] = srow[n] * (ftype(q) - zrow[n])
-        else:  # 3-bit values 10 and 21 of each 32-value block straddle two words
-            hi = qweight[w + 1]
-            low_bits = 32 - off
-            for n in range(n_cols):
-                q = ((lo[n] >> off) & ((1 << low_bits) - 1)) | ((hi[n] << low_bits) & mask)
-                orow[n] = srow[n] * (ftype(q) - zrow[n])
-        for e in range(fold_ptr[k], fold_ptr[k + 1]):
-            orow[fold_rows[e]] += fold_vals[e]
+    k = k0 + i
+    bit = k * bits
+    w = bit >> 5
+    off = bit & 31
+    g = g_idx[k]
+    orow = out[i]
+    lo = qweight[w]
+    zrow = zeros[g]
+    srow = scales[g]
+    if off + bits <= 32:
+        for n in range(n_cols):
+            q = (lo[n] >> off) & mask  # arithmetic shift is fine: the kept bits are below 32 - off
+            orow[n] = srow[n] * (ftype(q) - zrow[n])
+    else:  # 3-bit values 10 and 21 of each 32-value block straddle two words
+        hi = qweight[w + 1]
+        low_bits = 32 - off
+        for n in range(n_cols):
+            q = ((lo[n] >> off) & ((1 << low_bits) - 1)) | ((hi[n] << low_bits) & mask)
+            orow[n] = srow[n] * (ftype(q) - zrow[n])
+    for e in range(fold_ptr[k], fold_ptr[k + 1]):
+        orow[fold_rows[e]] += fold_vals[e]
 
 
 @numba.njit(parallel=True, **_JIT)
-def _gemv_kernel(x, qweight, zeros, scales, g_idx, bits, out):  # pragma: no cover - compiled
-    # out (T, N) = x (T, K) @ W, W rebuilt one input row at a time in a register-sized block of columns.
+def _dequant_parallel(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out):  # pragma: no cover
+    for i in numba.prange(out.shape[0]):
+        _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out, i)
+
+
+@numba.njit(**_JIT)
+def _dequant_serial(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out):  # pragma: no cover
+    for i in range(out.shape[0]):
+        _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out, i)
+
+
+@numba.njit(**_JIT)
+def _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b):  # pragma: no cover - compiled
+    # Output columns [b * _GEMV_COLS, ...) of out (T, N) = x (T, K) @ W, W rebuilt one input row at a time in a
+    # register-sized block of columns.
     T, K = x.shape
     n_cols = out.shape[1]
     mask = np.int32((1 << bits) - 1)
     ftype = out.dtype.type
-    for b in numba.prange((n_cols + _GEMV_COLS - 1) // _GEMV_COLS):
-        n0 = b * _GEMV_COLS
-        n1 = min(n_cols, n0 + _GEMV_COLS)
-        acc = np.zeros((T, n1 - n0), dtype=out.dtype)
-        wrow = np.empty(n1 - n0, dtype=out.dtype)
-        for k in range(K):
-            bit = k * bits
-            off = bit & 31
-            g = g_idx[k]
-            lo = qweight[bit >> 5, n0:n1]
-            zrow = zeros[g, n0:n1]
-            srow = scales[g, n0:n1]
-            if off + bits <= 32:
-                for n in range(n1 - n0):
-                    wrow[n] = srow[n] * (ftype((lo[n] >> off) & mask) - zrow[n])
-            else:
-                hi = qweight[(bit >> 5) + 1, n0:n1]
-                low_bits = 32 - off
-                for n in range(n1 - n0):
-                    q = ((lo[n] >> off) & ((1 << low_bits) - 1)) | ((hi[n] << low_bits) & mask)
-                    wrow[n] = srow[n] * (ftype(q) - zrow[n])
-            for t in range(T):
-                xv = x[t, k]
-                arow = acc[t]
-                for n in range(n1 - n0):
-                    arow[n] += xv * wrow[n]
-        out[:, n0:n1] = acc
+    n0 = b * _GEMV_COLS
+    n1 = min(n_cols, n0 + _GEMV_COLS)
+    acc = np.zeros((T, n1 - n0), dtype=out.dtype)
+    wrow = np.empty(n1 - n0, dtype=out.dtype)
+    for k in range(K):
+        bit = k * bits
+        off = bit & 31
+        g = g_idx[k]
+        lo = qweight[bit >> 5, n0:n1]
+        zrow = zeros[g, n0:n1]
+        srow = scales[g, n0:n1]
+        if off + bits <= 32:
+            for n in range(n1 - n0):
+                wrow[n] = srow[n] * (ftype((lo[n] >> off) & mask) - zrow[n])
+        else:
+            hi = qweight[(bit >> 5) + 1, n0:n1]
+            low_bits = 32 - off
+            for n in range(n1 - n0):
+                q = ((lo[n] >> off) & ((1 << low_bits) - 1)) | ((hi[n] << low_bits) & mask)
+                wrow[n] = srow[n] * (ftype(q) - zrow[n])
+        for t in range(T):
+            xv = x[t, k]
+            arow = acc[t]
+            for n in range(n1 - n0):
+                arow[n] += xv * wrow[n]
+    out[:, n0:n1] = acc
+
+
+@numba.njit(parallel=True, **_JIT)
+def _gemv_parallel(x, qweight, zeros, scales, g_idx, bits, out):  # pragma: no cover - compiled
+    for b in numba.prange((out.shape[1] + _GEMV_COLS - 1) // _GEMV_COLS):
+        _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b)
+
+
+@numba.njit(**_JIT)
+def _gemv_serial(x, qweight, zeros, scales, g_idx, bits, out):  # pragma: no cover - compiled
+    for b in range((out.shape[1] + _GEMV_COLS - 1) // _GEMV_COLS):
+        _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b)
 
 
 @numba.njit(**_JIT)
@@ -138,7 +162,8 @@ class Fold:
 
 def dequantize_rows(qweight, zeros_f, scales_f, g_idx_np, bits, k0, out, fold: Fold) -> None:
     """Write rows ``[k0, k0 + out.shape[0])`` of the dense ``W`` into ``out`` (numpy, fp32 or fp64)."""
-    _dequant_kernel(qweight, zeros_f, scales_f, g_idx_np, bits, k0, fold.ptr, fold.rows, fold.vals, out)
+    kernel = _dequant_parallel if parallel("dequant", out.size) else _dequant_serial
+    kernel(qweight, zeros_f, scales_f, g_idx_np, bits, k0, fold.ptr, fold.rows, fold.vals, out)
 
 
 def dequant_matmul(
@@ -161,13 +186,15 @@ def dequant_matmul(
     """
     K, N = g_idx.numel(), scales.shape[1]
     wdt = torch.float64 if a.dtype == torch.float64 else torch.float32
+    match_torch_threads()
     zeros_f = torch.from_numpy(_unpack_cols_kernel(qzeros.contiguous().numpy(), bits, N)).to(wdt) + 1
     scales_f = scales.to(wdt).contiguous()
     qw = qweight.contiguous().numpy()
     g = g_idx.to(torch.int32).contiguous().numpy()
     if not transpose and fold is None and a.shape[0] <= _GEMV_MAX_TOKENS:
         out = torch.empty(a.shape[0], N, dtype=wdt)
-        _gemv_kernel(a.to(wdt).contiguous().numpy(), qw, zeros_f.numpy(), scales_f.numpy(), g, bits, out.numpy())
+        kernel = _gemv_parallel if parallel("gemv", a.shape[0] * K * N) else _gemv_serial
+        kernel(a.to(wdt).contiguous().numpy(), qw, zeros_f.numpy(), scales_f.numpy(), g, bits, out.numpy())
         return out.to(a.dtype)
     folded = Fold(*fold, K, wdt) if fold is not None else Fold.empty(K, wdt)
     rows = _chunk_rows(K, N)

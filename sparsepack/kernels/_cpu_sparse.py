@@ -8,7 +8,8 @@ is a unit-stride vector loop:
 * ``x`` and ``dy`` arrive token-major (``[T, features]``); one transpose each (``[features, T]``, done by torch,
   fused with the cast to fp32) makes every gathered column a contiguous row of T values.
 * spmm walks CSR rows in blocks of ``_ROWS`` output rows and ``_TOKENS`` tokens: ``acc[r, :] += v * xT[c, :]``,
-  then writes the block back token-major, so the output needs no separate transpose.
+  then writes the block back token-major, so the output needs no separate transpose. ``add_spmm_`` adds that
+  block into an existing output instead (inference: the base's product, no buffer and no extra pass).
 * spmm_t is spmm with the transposed CSR (a stable counting sort, O(nnz + in)).
 * sddmm is one dot product of two T-long rows per stored entry, parallel over entries.
 
@@ -23,52 +24,102 @@ import numba
 import numpy as np
 import torch
 
+from sparsepack.kernels._backend import match_torch_threads
 from sparsepack.kernels.sparse import csr_row_indices
 
 _FASTMATH = {"reassoc", "contract"}
 _JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
 _ROWS = 16  # output rows per spmm task: one 64-byte line of fp32 outputs per token on write-back
 _TOKENS = 512  # tokens per spmm task: the accumulator block (_ROWS x _TOKENS fp32 = 32 KB) stays in L1/L2
+_ADD_ROWS = 32  # rows per task of the in-place product at inference (128 tokens: 16 KB accumulator; measured)
+# Serial nanoseconds per unit of work (multiply-add, dequantized weight) of each kernel, measured here (AMD EPYC,
+# 2 cores), and the estimated serial time below which a call runs on the calling thread: starting numba's
+# workqueue threads costs 65-85 us per parallel call (they sleep in between), and with two cores the second
+# thread only pays off on calls well above that. Measured serial / parallel (2 threads): 4-bit 1536 x 576
+# decode product 197 / 294 us, 4096 x 4096 4120 / 2170 us; 1536 x 576 sddmm at 512 tokens 193 / 316 us.
+_NS_PER_UNIT = {"spmm": 0.2, "sddmm": 0.07, "dequant": 0.18, "gemv": 0.22}
+_PARALLEL_MIN_NS = 500_000
 
 
-@numba.njit(parallel=True, **_JIT)
-def _spmm_kernel(xT, values, row_ptr, col_idx, y):  # pragma: no cover - compiled
-    # y[t, r] = sum_j values[j] * xT[col_idx[j], t] over j in row r.  xT (in, T), y (T, out)
+def parallel(kernel: str, units: int) -> bool:
+    """Whether a call of ``kernel`` doing ``units`` of work should take its parallel driver."""
+    return units * _NS_PER_UNIT[kernel] >= _PARALLEL_MIN_NS and torch.get_num_threads() > 1
+
+
+@numba.njit(**_JIT)
+def _spmm_task(xT, values, row_ptr, col_idx, y, rows, accumulate, task):  # pragma: no cover - compiled
+    # Task `task` of spmm: y[t, r] (+)= sum_j values[j] * xT[col_idx[j], t] over j in row r, for a block of
+    # `rows` output rows and _TOKENS tokens.  xT (in, T), y (T, out)
     T = xT.shape[1]
     n_out = y.shape[1]
-    n_rb = (n_out + _ROWS - 1) // _ROWS
     n_tb = (T + _TOKENS - 1) // _TOKENS
-    for task in numba.prange(n_rb * n_tb):
-        r0 = (task // n_tb) * _ROWS
-        r1 = min(n_out, r0 + _ROWS)
-        t0 = (task % n_tb) * _TOKENS
-        t1 = min(T, t0 + _TOKENS)
-        acc = np.zeros((_ROWS, t1 - t0), dtype=y.dtype)  # (rows, tokens)
-        for r in range(r0, r1):
-            arow = acc[r - r0]
-            for j in range(row_ptr[r], row_ptr[r + 1]):
-                v = values[j]
-                xrow = xT[col_idx[j], t0:t1]  # slices keep the inner loop free of index wrap-around checks
-                for t in range(t1 - t0):
-                    arow[t] += v * xrow[t]
-        for t in range(t1 - t0):
-            yrow = y[t0 + t, r0:r1]
+    r0 = (task // n_tb) * rows
+    r1 = min(n_out, r0 + rows)
+    t0 = (task % n_tb) * _TOKENS
+    t1 = min(T, t0 + _TOKENS)
+    acc = np.zeros((rows, t1 - t0), dtype=y.dtype)  # (rows, tokens)
+    for r in range(r0, r1):
+        arow = acc[r - r0]
+        for j in range(row_ptr[r], row_ptr[r + 1]):
+            v = values[j]
+            xrow = xT[col_idx[j], t0:t1]  # slices keep the inner loop free of index wrap-around checks
+            for t in range(t1 - t0):
+                arow[t] += v * xrow[t]
+    for t in range(t1 - t0):
+        yrow = y[t0 + t, r0:r1]
+        if accumulate:
+            for i in range(r1 - r0):
+                yrow[i] += acc[i, t]
+        else:
             for i in range(r1 - r0):
                 yrow[i] = acc[i, t]
 
 
+@numba.njit(**_JIT)
+def _spmm_tasks(xT, y, rows):  # pragma: no cover - compiled
+    return ((y.shape[1] + rows - 1) // rows) * ((xT.shape[1] + _TOKENS - 1) // _TOKENS)
+
+
 @numba.njit(parallel=True, **_JIT)
-def _sddmm_kernel(dyT, xT, row_idx, col_idx, out, n_chunks):  # pragma: no cover - compiled
-    # out[i] = dot(dyT[row_idx[i]], xT[col_idx[i]]).  dyT (out, T), xT (in, T)
+def _spmm_parallel(xT, values, row_ptr, col_idx, y, rows, accumulate):  # pragma: no cover - compiled
+    for task in numba.prange(_spmm_tasks(xT, y, rows)):
+        _spmm_task(xT, values, row_ptr, col_idx, y, rows, accumulate, task)
+
+
+@numba.njit(**_JIT)
+def _spmm_serial(xT, values, row_ptr, col_idx, y, rows, accumulate):  # pragma: no cover - compiled
+    for task in range(_spmm_tasks(xT, y, rows)):
+        _spmm_task(xT, values, row_ptr, col_idx, y, rows, accumulate, task)
+
+
+def _spmm_kernel(xT, values, row_ptr, col_idx, y, rows, accumulate) -> None:
+    kernel = _spmm_parallel if parallel("spmm", values.shape[0] * xT.shape[1]) else _spmm_serial
+    kernel(xT, values, row_ptr, col_idx, y, rows, accumulate)
+
+
+@numba.njit(**_JIT)
+def _sddmm_chunk(dyT, xT, row_idx, col_idx, out, n_chunks, c):  # pragma: no cover - compiled
+    # out[i] = dot(dyT[row_idx[i]], xT[col_idx[i]]) for the entries of chunk c.  dyT (out, T), xT (in, T)
     nnz = out.shape[0]
+    for i in range(c * nnz // n_chunks, (c + 1) * nnz // n_chunks):
+        drow = dyT[row_idx[i]]
+        xrow = xT[col_idx[i]]
+        s = out.dtype.type(0.0)
+        for t in range(drow.shape[0]):
+            s += drow[t] * xrow[t]
+        out[i] = s
+
+
+@numba.njit(parallel=True, **_JIT)
+def _sddmm_parallel(dyT, xT, row_idx, col_idx, out, n_chunks):  # pragma: no cover - compiled
     for c in numba.prange(n_chunks):
-        for i in range(c * nnz // n_chunks, (c + 1) * nnz // n_chunks):
-            drow = dyT[row_idx[i]]
-            xrow = xT[col_idx[i]]
-            s = out.dtype.type(0.0)
-            for t in range(drow.shape[0]):
-                s += drow[t] * xrow[t]
-            out[i] = s
+        _sddmm_chunk(dyT, xT, row_idx, col_idx, out, n_chunks, c)
+
+
+@numba.njit(**_JIT)
+def _sddmm_serial(dyT, xT, row_idx, col_idx, out, n_chunks):  # pragma: no cover - compiled
+    for c in range(n_chunks):
+        _sddmm_chunk(dyT, xT, row_idx, col_idx, out, n_chunks, c)
 
 
 @numba.njit(**_JIT)
@@ -115,10 +166,19 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
     dt = _compute_dtype(x, values)
     y = torch.empty(x.shape[0], n_out, dtype=dt)
     if x.shape[0] and n_out:
-        _spmm_kernel(
-            _transposed(x, dt), values.detach().to(dt).contiguous().numpy(), _int32(row_ptr), _int32(col_idx), y.numpy()
-        )
+        match_torch_threads()
+        xT, v = _transposed(x, dt), values.detach().to(dt).contiguous().numpy()
+        _spmm_kernel(xT, v, _int32(row_ptr), _int32(col_idx), y.numpy(), _ROWS, False)
     return y.to(x.dtype)
+
+
+def add_spmm_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: np.ndarray, col_idx: np.ndarray) -> None:
+    """``y [T, out] += x [T, in] @ S^T`` in place (inference, many tokens): the product of :func:`spmm` without
+    its output buffer, cast and extra add. Arrays of one float dtype, int32 CSR; ``y`` C-contiguous."""
+    if x.shape[0] and y.shape[1]:
+        match_torch_threads()
+        xT = _transposed(torch.from_numpy(x), torch.from_numpy(y).dtype)
+        _spmm_kernel(xT, values, row_ptr, col_idx, y, _ADD_ROWS, True)
 
 
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):
@@ -134,8 +194,10 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
     dt = _compute_dtype(dy, x)
     out = torch.zeros(row_idx.shape[0], dtype=dt)
     if out.numel() and dy.shape[0]:
+        match_torch_threads()
         n_chunks = min(out.numel(), 8 * numba.get_num_threads())  # a few chunks per thread for balance
-        _sddmm_kernel(_transposed(dy, dt), _transposed(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(), n_chunks)
+        kernel = _sddmm_parallel if parallel("sddmm", out.numel() * dy.shape[0]) else _sddmm_serial
+        kernel(_transposed(dy, dt), _transposed(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(), n_chunks)
     return out.to(dy.dtype)
 
 

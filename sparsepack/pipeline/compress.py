@@ -205,9 +205,12 @@ def _invert(H: torch.Tensor, cfg: QuantConfig) -> gptq.InverseHessian:
 
 
 def _quantize_block(block: nn.Module, prefix: str, names: list[str], inputs: list[BlockInput] | None,
-                    cfg: QuantConfig, writer: ShardWriter, bar: tqdm,
-                    cache: ReplayCache | None = None) -> list[LayerReport]:  # fmt: skip
+                    cfg: QuantConfig, writer: ShardWriter, bar: tqdm, cache: ReplayCache | None = None,
+                    masters: dict[str, torch.Tensor] | None = None) -> list[LayerReport]:  # fmt: skip
     """Quantize ``names`` in ``block`` in place (weights replaced by their dequantized values).
+
+    ``masters`` maps a name to its weight at the source's precision when the block runs in a narrower dtype:
+    that weight is what gets quantized (and what the error report measures against), not its bf16 rounding.
 
     ``cache`` (true-sequential only) collects the outputs of submodules that are final after each group,
     so the later passes over this block, :func:`run_block` included, replay them instead of recomputing.
@@ -234,17 +237,19 @@ def _quantize_block(block: nn.Module, prefix: str, names: list[str], inputs: lis
                 H = accs[group[0]].H
         inv = _invert(H, cfg) if (H is not None and cfg.method == "gptq") else None
         lins = [block.get_submodule(name) for name in group]
+        weights = [masters[name] if masters and name in masters else lin.weight.data
+                   for name, lin in zip(group, lins, strict=True)]  # fmt: skip
         start = time.perf_counter()
         if inv is not None and len(group) > 1:  # one column walk for the whole group, cut per layer
-            joint = torch.cat([lin.weight.data for lin in lins])  # (sum N, K)
+            joint = torch.cat(weights)  # (sum N, K)
             parts = _quantize_weight(joint, H, inv, cfg).split([lin.out_features for lin in lins])
         else:
-            parts = [_quantize_weight(lin.weight.data, H, inv, cfg) for lin in lins]
+            parts = [_quantize_weight(w, H, inv, cfg) for w in weights]
         share = (time.perf_counter() - start) / sum(lin.out_features for lin in lins)  # seconds per output row
-        for name, lin, params in zip(group, lins, parts, strict=True):
+        for name, lin, weight, params in zip(group, lins, weights, parts, strict=True):
             start = time.perf_counter()
             w_q = gptq.dequantize_params(params, torch.float32)
-            err = relative_output_error(lin.weight.data.float(), w_q, H) if H is not None else None
+            err = relative_output_error(weight.float(), w_q, H) if H is not None else None
             bias = lin.bias.data if lin.bias is not None else None
             for key, t in params.to_gptq_tensors(bias).state_dict(f"{prefix}.{name}").items():
                 writer.add(key, t)
@@ -306,16 +311,21 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
             block_prefix = f"{prefix}.{i}"
             block = blocks[i]
             own = {k[len(block_prefix) + 1 :]: v for k, v in src.tensors.items() if k.startswith(block_prefix + ".")}
-            state = {k: t.to(dtype).clone() for k, t in load_tensors(own).items()}
+            loaded = load_tensors(own)
+            state = {k: t.to(dtype).clone() for k, t in loaded.items()}
             block.load_state_dict(state, strict=True, assign=True)
             block.to(device)
             bar.set_description(f"compress {block_prefix}")
             names = _targets(block, block_prefix, cfg)
+            # bf16 rounds an fp32 weight by up to 2^-9 of it, a tenth of an 8-bit step: quantize the source's
+            masters = {n: loaded[f"{n}.weight"].to(device, torch.float32) for n in names
+                       if loaded[f"{n}.weight"].dtype.itemsize > dtype.itemsize}  # fmt: skip
+            del loaded
             cache = None
             if inputs and cfg.true_sequential:
                 cache = ReplayCache(block, inputs[0], REPLAY_MAX_RATIO, REPLAY_TAIL_RATIO)
             with torch.no_grad():
-                result.layers += _quantize_block(block, block_prefix, names, inputs, cfg, writer, bar, cache)
+                result.layers += _quantize_block(block, block_prefix, names, inputs, cfg, writer, bar, cache, masters)
                 for key, t in block.state_dict().items():
                     if key.rsplit(".", 1)[0] not in names:
                         writer.add(f"{block_prefix}.{key}", t.to(torch.float16))
