@@ -93,6 +93,20 @@ def test_replaying_block_children_changes_nothing(hf_dir, tmp_path, monkeypatch,
     assert all(torch.equal(on[k], off[k]) for k in on), [k for k in on if not torch.equal(on[k], off[k])]
 
 
+def test_a_bf16_block_quantizes_the_source_fp32_weights(hf_dir, tmp_path):
+    """Calibration forwards in bf16 must not round the weights that get quantized: at 8 bits bf16's rounding is
+    a tenth of a grid step. RTN reads no activations, so its codes and scales are the same either way."""
+    import safetensors.torch
+
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        compress(hf_dir / "hf", tmp_path / dtype, cfg(hf_dir, dtype=dtype, method="rtn", bits=8), progress=False)
+        got[dtype] = safetensors.torch.load_file(next((tmp_path / dtype).glob("*.safetensors")))
+    quantized = [k for k in got["float32"] if k.endswith((".qweight", ".qzeros", ".scales"))]
+    assert len(quantized) == 3 * 14
+    assert all(torch.equal(got["float32"][k], got["bfloat16"][k]) for k in quantized)
+
+
 def test_gptq_beats_rtn_on_the_calibration_inputs(hf_dir, tmp_path):
     """Per quantization call (one per group of layers reading one input: q/k/v, o, gate/up, down), GPTQ's output
     error on the calibration set is below RTN's on the same inputs."""
