@@ -49,10 +49,10 @@ NOTES = [
     "delta, scales it, adds it and swaps modules. That saves PEFT's extra passes, not the GEMM: about 1.6x, "
     "short of the 5x goal, which is SHiRA's figure for sparse-only adapters at 1-2% density. The sparse-only "
     "row shows the scatter-only path at RoSA's equal budget (density 5.2%, 5.5M scattered values): 2x.",
-    "- **unfused overhead** is the correction's extra calls per layer (one low-rank `addmm`, one sparse CSR "
-    "product; at most 4 tokens: one compiled call) against the base product: 1.06-1.17x here, against PEFT's "
-    "own 1.06-1.18x for an unmerged LoRA r=16 (which has no sparse part). Goal (<= 1.15x) met except for "
-    "prefill on the fp32 base.",
+    "- **unfused overhead** is the correction's extra work per layer against the base product: one low-rank "
+    "`addmm` and one compiled CSR product added in place into the base's output (`add_spmm_`); at most 4 "
+    "tokens, one compiled call for both. PEFT's own unmerged LoRA r=16 (no sparse part) is the peer "
+    "reference.",
     "- **load**: `sparsepack.load` is slower and larger than `from_pretrained` of the fp16 model here: it "
     "verifies every file's sha256 (the `verify=False` row), computes unquantized tensors in fp32 on CPU (the "
     "tied 49152 x 576 embedding is upcast: 113 MB written, and its fp16 pages are touched), and the first "
@@ -65,6 +65,15 @@ NOTES = [
     "fused model's wall time) -> base product plus a torch CSR product and an in-place low-rank `addmm` "
     "without autograd (1.25x CPU); GPTQ-base calls of at most 4 tokens take the same split path (there the "
     "fold's fixed cost exceeds its saving). The before figures are single trial runs (wall, load average 5-8).",
+    "- Fixed on 2026-11-24 17:30-17:58 (quiet machine, load average under 1.1): numba's workqueue threads sleep "
+    "between parallel calls and took 65-85 us to start on every call, more than most decode and 128-token "
+    "products take. Every numba kernel now has a serial driver, taken when the call's estimated serial time is "
+    "under 0.5 ms (and always with one torch thread: numba now follows `torch.set_num_threads`). The 4-bit "
+    "bare pack decodes 32 tokens in 2065 ms (3212 ms in the 16:41 run). At 128 tokens the sparse product is "
+    "now added in place by a compiled kernel instead of torch's CSR product plus a transposed add: fp32-base "
+    "prefill overhead 1.17x (16:41) -> 1.138x in a `--parts inference` run at 17:31 and 1.170x in this full "
+    "run, so it sits on the 1.15x line: a 1536 x 576 layer at 128 tokens still spends about 45 us transposing "
+    "its input and, of the kernel's 88 us (2 threads), about 50 us writing the product back token-major.",
     "",
 ]
 
@@ -409,7 +418,7 @@ def load_worker(kind: str, path: str, threads: int) -> dict:
 
 
 def loading(p: dict, repeats: int, threads: int, logs: Path) -> list[dict]:
-    from _common import child_env
+    from benchmarks._common import child_env
 
     kinds = {"pack": p["w4_bare"], "pack-noverify": p["w4_bare"], "pack-adapters": p["w4"], "hf": p["fp16"]}
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
