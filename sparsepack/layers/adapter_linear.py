@@ -85,16 +85,17 @@ class SparseLowRankLinear(nn.Module):
     def add_adapter(self, name: str, module: AdapterModule, dropout: float = 0.0, trainable: bool = False) -> None:
         """Attach one module's stored correction under ``name`` (replacing any adapter of that name)."""
         self.delete_adapter(name)
+        device = self.device
         if module.rank:
-            self.lora_A[name] = nn.Parameter(module.A.to(self.device, torch.float32), requires_grad=trainable)
-            self.lora_B[name] = nn.Parameter(module.B.to(self.device, torch.float32), requires_grad=trainable)
+            self.lora_A[name] = nn.Parameter(module.A.to(device, torch.float32), requires_grad=trainable)
+            self.lora_B[name] = nn.Parameter(module.B.to(device, torch.float32), requires_grad=trainable)
             self.scaling[name] = module.scaling
             self.alpha[name] = module.alpha
         if module.values is not None:
-            row_ptr = module.row_ptr.to(self.device, torch.int32)
-            col_idx = module.col_idx.to(self.device, torch.int32)
+            row_ptr = module.row_ptr.to(device, torch.int32)
+            col_idx = module.col_idx.to(device, torch.int32)
             support = CSRSupport(row_ptr, col_idx, csr_row_idx(row_ptr), (self.out_features, self.in_features))
-            self.set_support(name, support, module.values.to(self.device, torch.float32), trainable)
+            self.set_support(name, support, module.values.to(device, torch.float32), trainable)
         self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def init_lowrank(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
