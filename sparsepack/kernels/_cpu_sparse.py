@@ -13,6 +13,10 @@ is a unit-stride vector loop:
 * spmm_t is spmm with the transposed CSR (a stable counting sort, O(nnz + in)).
 * sddmm is one dot product of two T-long rows per stored entry, parallel over entries.
 
+Each parallel kernel is a per-task body with two drivers, ``*_parallel`` (``prange``) and ``*_serial``; a call
+takes the serial one when its estimated serial time is short (see ``parallel``), because waking numba's
+threads costs more than such calls compute. numba runs as many threads as torch (``match_torch_threads``).
+
 All kernels are compiled lazily on first call and cached on disk (``cache=True``); they take fp32 or fp64
 arrays (fp16/bf16 go through fp32) and int32 indices. ``fastmath`` only allows reassociation and FMA
 contraction (the vectorized reductions need it); NaN and inf propagate as usual.
