@@ -177,8 +177,7 @@ def test_sparse_ops_cpu_match_reference(case, tokens, driver, monkeypatch):
     assert_close(got, sddmm_reference(dy, x, sup.row_idx, sup.col_idx), torch.float32)
     y = torch.randn(tokens, out_f)  # the inference path adds the product into the base's output in place
     want = y + spmm_reference(x, vals, *csr)
-    kernel_module("_cpu_sparse").add_spmm_(x.numpy(), y.numpy(), vals.numpy(), sup.row_ptr.numpy(),
-                                           sup.col_idx.numpy())  # fmt: skip
+    kernel_module("_cpu_sparse").add_spmm_(x, y, vals, sup.row_ptr, sup.col_idx)
     assert_close(y, want, torch.float32)
 
 

@@ -176,13 +176,14 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
     return y.to(x.dtype)
 
 
-def add_spmm_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: np.ndarray, col_idx: np.ndarray) -> None:
+def add_spmm_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+              col_idx: torch.Tensor) -> None:  # fmt: skip
     """``y [T, out] += x [T, in] @ S^T`` in place (inference, many tokens): the product of :func:`spmm` without
-    its output buffer, cast and extra add. Arrays of one float dtype, int32 CSR; ``y`` C-contiguous."""
+    its output buffer, cast and extra add. ``y`` C-contiguous, ``values`` in y's dtype; no autograd."""
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
-        xT = _transposed(torch.from_numpy(x), torch.from_numpy(y).dtype)
-        _spmm_kernel(xT, values, row_ptr, col_idx, y, _ADD_ROWS, True)
+        xT = _transposed(x.detach(), y.dtype)
+        _spmm_kernel(xT, values.detach().numpy(), _int32(row_ptr), _int32(col_idx), y.detach().numpy(), _ADD_ROWS, True)
 
 
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):

@@ -325,9 +325,10 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
             block.to(device)
             bar.set_description(f"compress {block_prefix}")
             names = _targets(block, block_prefix, cfg)
-            wide = cfg.bits >= MASTER_MIN_BITS
-            masters = {n: loaded[f"{n}.weight"].to(device, torch.float32) for n in names
-                       if wide and loaded[f"{n}.weight"].dtype.itemsize > dtype.itemsize}  # fmt: skip
+            masters = {}
+            if cfg.bits >= MASTER_MIN_BITS:
+                masters = {n: loaded[f"{n}.weight"].to(device, torch.float32) for n in names
+                           if loaded[f"{n}.weight"].dtype.itemsize > dtype.itemsize}  # fmt: skip
             del loaded
             cache = None
             if inputs and cfg.true_sequential:
