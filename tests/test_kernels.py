@@ -468,3 +468,21 @@ def test_fisher_rejects_bad_input():
         FisherState.zeros(4, 4, torch.float16)
     with pytest.raises(ValueError, match="fit"):
         fisher_accumulate(FisherState.zeros(4, 5), torch.randn(3, 4), torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (8, 8), (16, 24), (77, 97), (5, 130), (130, 5)])
+def test_simd_transposes_are_exact(dtype, shape):
+    tr = kernel_module("_cpu_transpose")
+    x = torch.randn(*shape, dtype=dtype).numpy()
+    assert torch.equal(torch.from_numpy(tr.transposed(x)), torch.from_numpy(x).t())
+    T, R = shape  # write_back: y[t0 + t, r0 + r] (+)= acc[r, t] for the first n rows of acc [rows, T]
+    acc = torch.randn(R + 3, T, dtype=dtype)
+    y = torch.randn(T + 4, R + 9, dtype=dtype)
+    want_set, want_add = y.clone(), y.clone()
+    want_set[2 : 2 + T, 5 : 5 + R] = acc[:R].t()
+    want_add[2 : 2 + T, 5 : 5 + R] += acc[:R].t()
+    got_set, got_add = y.clone(), y.clone()
+    tr.write_back(acc.numpy(), R, got_set.numpy(), 5, 2, False)
+    tr.write_back(acc.numpy(), R, got_add.numpy(), 5, 2, True)
+    assert torch.equal(got_set, want_set) and torch.equal(got_add, want_add)
