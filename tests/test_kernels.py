@@ -179,6 +179,9 @@ def test_sparse_ops_cpu_match_reference(case, tokens, driver, monkeypatch):
     want = y + spmm_reference(x, vals, *csr)
     kernel_module("_cpu_sparse").add_spmm_(x, y, vals, sup.row_ptr, sup.col_idx)
     assert_close(y, want, torch.float32)
+    strided = torch.randn(out_f, 2 * tokens)[:, ::2].t()  # (tokens, out_f), strides (1, 2 * tokens)
+    with pytest.raises(ValueError, match="C-contiguous"):  # the kernel writes 8-wide rows of y
+        kernel_module("_cpu_sparse").add_spmm_(x, strided, vals, sup.row_ptr, sup.col_idx)
 
 
 def test_sparse_dispatchers_are_differentiable():

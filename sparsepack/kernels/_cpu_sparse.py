@@ -180,6 +180,8 @@ def add_spmm_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, row_ptr: t
               col_idx: torch.Tensor) -> None:  # fmt: skip
     """``y [T, out] += x [T, in] @ S^T`` in place (inference, many tokens): the product of :func:`spmm` without
     its output buffer, cast and extra add. ``y`` C-contiguous, ``values`` in y's dtype; no autograd."""
+    if not y.is_contiguous() or y.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"add_spmm_: y must be C-contiguous fp32 or fp64, got {y.dtype} with strides {y.stride()}")
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
         xT = _transposed(x.detach(), y.dtype)
