@@ -477,9 +477,11 @@ def test_fisher_rejects_bad_input():
 @pytest.mark.parametrize("shape", [(1, 1), (8, 8), (16, 24), (77, 97), (5, 130), (130, 5)])
 def test_simd_transposes_are_exact(dtype, shape):
     tr = kernel_module("_cpu_transpose")
-    x = torch.randn(*shape, dtype=dtype).numpy()
-    assert torch.equal(torch.from_numpy(tr.transposed(x)), torch.from_numpy(x).t())
-    T, R = shape  # write_back: y[t0 + t, r0 + r] (+)= acc[r, t] for the first n rows of acc [rows, T]
+    x = torch.randn(*shape, dtype=dtype)
+    xT = torch.empty(shape[1], shape[0], dtype=dtype)
+    tr.transpose_into(x.numpy(), xT.numpy())
+    assert torch.equal(xT, x.t())
+    T, R = shape  # write_back: y[t0 + t, r0 + r] (+)= acc[r, t] for the first R rows of acc [rows, T]
     acc = torch.randn(R + 3, T, dtype=dtype)
     y = torch.randn(T + 4, R + 9, dtype=dtype)
     want_set, want_add = y.clone(), y.clone()

@@ -184,7 +184,7 @@ def add_spmm_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, row_ptr: t
         raise ValueError(f"add_spmm_: y must be C-contiguous fp32 or fp64, got {y.dtype} with strides {y.stride()}")
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
-        xT = _transposed(x.detach(), y.dtype)
+        xT = _transposed(x, y.dtype)
         _spmm_kernel(xT, values.detach().numpy(), _int32(row_ptr), _int32(col_idx), y.detach().numpy(), _ADD_ROWS, True)
 
 

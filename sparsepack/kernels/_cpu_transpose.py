@@ -19,7 +19,6 @@ Note for developers: numba's on-disk cache keys on the calling kernel's file, so
 from __future__ import annotations
 
 import numba
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -131,10 +130,3 @@ def write_back(acc, R, y, r0, t0, accumulate):  # pragma: no cover - compiled
                 y[t0 + i, r0 + r] += acc[r, i]
             else:
                 y[t0 + i, r0 + r] = acc[r, i]
-
-
-def transposed(x: np.ndarray) -> np.ndarray:
-    """``[T, K]`` C-contiguous fp32/fp64 array -> a new C-contiguous ``[K, T]`` copy."""
-    out = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)
-    transpose_into(x, out)
-    return out
