@@ -57,6 +57,7 @@ ROWS = {
     "ours": ("sparsepack", ["--damp", "0.01", "--no-group-aware"]),
     "gptqmodel": ("gptqmodel", ["--damp", "0.01", "--no-act-group-aware"]),
     "ours-gar": ("sparsepack", ["--damp", "0.05", "--group-aware"]),
+    "ours-clip": ("sparsepack", ["--damp", "0.01", "--no-group-aware", "--clip-search", "0.2"]),
     "gptqmodel-def": ("gptqmodel", []),
 }
 PAIRS = [("ours", "gptqmodel"), ("ours-gar", "gptqmodel-def")]  # (ours, peer) with the same settings

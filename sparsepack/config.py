@@ -23,6 +23,7 @@ class QuantConfig:
     true_sequential: bool = True  # each sublayer group sees the outputs of already-quantized groups
     static_groups: bool = False  # with act-order: compute group grids up front (keeps g_idx monotone)
     group_aware: bool = False  # group-aware column order (GPTQModel's act_group_aware); exclusive with act_order
+    clip_search: float = 0.0  # search each group's clipping range down to (1 - this) x its min/max; 0 = off
     method: str = "gptq"  # "gptq" (error-compensated) or "rtn" (round to nearest, no calibration)
     skip: str = r"(^|\.)lm_head$"  # regex of module names left unquantized
     nsamples: int = 128  # calibration windows
@@ -44,6 +45,8 @@ class QuantConfig:
             raise ValueError(f"--group-size must be positive or -1, got {self.group_size}")
         if not 0 <= self.damp < 1:
             raise ValueError(f"--damp must be in [0, 1), got {self.damp}")
+        if not 0 <= self.clip_search < 1:
+            raise ValueError(f"--clip-search must be in [0, 1), got {self.clip_search}")
         if self.method not in ("gptq", "rtn"):
             raise ValueError(f"--method must be gptq or rtn, got {self.method!r}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:

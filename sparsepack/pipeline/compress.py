@@ -201,8 +201,9 @@ def _quantize_weight(weight: torch.Tensor, H: torch.Tensor | None, inv, cfg: Qua
     # when another job holds the cores each join waits for a descheduled thread: measured here, a 576x1536
     # layer took 0.6-4.5 s with 2 threads beside a busy neighbour and 0.05-0.25 s with 1 (the same idle).
     with _cpu_threads(1, weight.device):
+        clip = gptq.ClipSearch(cfg.clip_search) if cfg.clip_search else None
         return gptq.gptq_quantize(weight, inv, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
-                                  cfg.block_size, cfg.static_groups, cfg.group_aware)  # fmt: skip
+                                  cfg.block_size, cfg.static_groups, cfg.group_aware, clip)  # fmt: skip
 
 
 def _invert(H: torch.Tensor, cfg: QuantConfig) -> gptq.InverseHessian:

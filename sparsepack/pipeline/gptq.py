@@ -246,8 +246,33 @@ def layer_output_error(weight: torch.Tensor, w_q: torch.Tensor, x: torch.Tensor)
     return float(diff.norm() / ref.norm().clamp_min(1e-30))
 
 
-def _grid(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class ClipSearch:
+    """A search over each group's clipping range (the reference GPTQ's ``mse`` grid, weighted by the Hessian).
+
+    Candidates are the full min/max range scaled by ``1, 1 - max_shrink/steps, ..., 1 - max_shrink``.
+    """
+
+    max_shrink: float = 0.2  # the narrowest candidate is (1 - max_shrink) x the group's min/max range
+    steps: int = 20  # candidates besides the full range, evenly spaced
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_shrink < 1 or self.steps < 1:
+            raise ValueError(f"clip search needs 0 < max_shrink < 1 and steps >= 1, got {self}")
+
+    def candidates(self) -> list[float]:
+        return [1 - self.max_shrink * i / self.steps for i in range(self.steps + 1)]
+
+
+def _grid(w: torch.Tensor, maxq: int, sym: bool, clip: ClipSearch | None = None,
+          row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of each output column of one group ``w [c, N]``; the scale already rounded to fp16.
+
+    Without ``clip`` the grid spans the group's min/max. With it, the range is also shrunk by each of
+    ``clip.candidates()`` and each output column keeps the candidate whose rounding error
+    ``sum_k row_weight[k] * (w[k] - Q(w[k]))^2`` is smallest (``row_weight [c]``: the GPTQ cost of an error in
+    that row, ``1 / Hinv[k, k]^2``; uniform when None). Clipping the few largest weights buys a finer step for
+    all others.
 
     Returns ``(scale [N], zero [N])`` in ``w.dtype`` (zero integral).
     """
@@ -260,8 +285,23 @@ def _grid(w: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Te
     flat = (wmin == 0) & (wmax == 0)  # an all-zero group: any grid works, take GPTQ's [-1, 1]
     wmin = torch.where(flat, -1.0, wmin)
     wmax = torch.where(flat, 1.0, wmax)
+    if clip is None:
+        return _grid_of_range(wmin, wmax, maxq, sym)
+    shrink = torch.tensor(clip.candidates(), dtype=w.dtype, device=w.device)  # (S,)
+    scale, zero = _grid_of_range(shrink[:, None] * wmin, shrink[:, None] * wmax, maxq, sym)  # (S, N)
+    q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)  # (S, c, N)
+    err = (scale[:, None] * (q - zero[:, None]) - w).square_()  # (S, c, N)
+    if row_weight is not None:
+        err.mul_(row_weight[:, None])
+    best = err.sum(dim=1).argmin(dim=0)  # (N,) candidate per output column
+    cols = torch.arange(w.shape[1], device=w.device)
+    return scale[best, cols], zero[best, cols]
+
+
+def _grid_of_range(wmin: torch.Tensor, wmax: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid covering ``[wmin, wmax]`` (any shape, ``wmin < 0 < wmax``): ``(scale, zero)``, scale fp16-exact."""
     # fp16 can hold down to 2**-24 (subnormal): clamp so the stored scale is never 0.
-    scale = ((wmax - wmin) / maxq).clamp(2.0**-24, 65504.0).to(torch.float16).to(w.dtype)
+    scale = ((wmax - wmin) / maxq).clamp(2.0**-24, 65504.0).to(torch.float16).to(wmin.dtype)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
@@ -285,6 +325,7 @@ def gptq_quantize(
     block_size: int = 128,
     static_groups: bool = False,
     group_aware: bool = False,
+    clip: ClipSearch | None = None,
 ) -> QuantParams:
     """Quantize one linear weight with GPTQ.
 
@@ -306,6 +347,7 @@ def gptq_quantize(
             original row order, so ``g_idx`` stays monotone even with act-order.
         group_aware: group-aware reordering (GPTQModel's default ``act_group_aware``, exclusive with
             ``act_order``): most of act-order's gain with a monotone ``g_idx``; see :func:`column_order`.
+        clip: search each group's clipping range (see :class:`ClipSearch`); None: the min/max grid.
 
     Returns:
         :class:`QuantParams` in the original row order.
@@ -342,10 +384,14 @@ def gptq_quantize(
     Wt[inv.dead] = 0
     scales = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N), fp16-exact values
     zeros = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N)
-    if static:
-        for g in range(G):
-            scales[g], zeros[g] = _grid(Wt[g * gs : (g + 1) * gs], maxq, sym)
     perm = inv.perm
+    # The GPTQ cost of an error in each processing position's row is 1 / Hinv[j, j]^2: clip searches weigh by it.
+    row_cost = inv.hinv.diagonal().square().reciprocal() if clip is not None else None  # (K,)
+    if static:
+        cost = row_cost if (row_cost is None or perm is None) else row_cost[torch.argsort(perm)]  # original order
+        for g in range(G):
+            rows = slice(g * gs, (g + 1) * gs)
+            scales[g], zeros[g] = _grid(Wt[rows], maxq, sym, clip, None if cost is None else cost[rows])
     if perm is not None:
         Wt = Wt[perm]  # (K, N) in processing order
     # group of each processing position
@@ -372,7 +418,8 @@ def gptq_quantize(
                 # (SmolLM2 g64: 4-bit 0.05573 vs 0.05546, 3-bit 0.12360 vs 0.12282). So with dynamic groups
                 # the block size changes which errors a grid sees (exactly as in the reference).
                 g = pos_group_list[j]
-                scales[g], zeros[g] = _grid(Wt[j : j + gs], maxq, sym)
+                scales[g], zeros[g] = _grid(Wt[j : j + gs], maxq, sym, clip,
+                                            None if row_cost is None else row_cost[j : j + gs])  # fmt: skip
             g = pos_group_list[j]
             w = Wt[j] - Hinv[i1:j, j] @ Err[:i] if i else Wt[j]  # (N,)
             q = _quantize_column(w, scales[g], zeros[g], maxq)
