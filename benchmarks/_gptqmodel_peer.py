@@ -90,6 +90,8 @@ def quantize(args: argparse.Namespace) -> dict:
     cfg = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, desc_act=args.desc_act)
     if args.damp is not None:
         cfg["damp_percent"] = args.damp
+    if args.mse:
+        cfg["mse"] = args.mse
     if not args.desc_act:
         cfg["act_group_aware"] = args.act_group_aware
     load_kw = {} if args.dtype == "auto" else {"dtype": _torch_dtype(args.dtype)}
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="GPTQModel's group-aware reordering (its default when desc_act is off)")  # fmt: skip
     q.add_argument("--damp", type=float, default=None, help="damp_percent (GPTQModel default 0.05)")
     q.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype while quantizing")
+    q.add_argument("--mse", type=float, default=0.0,
+                   help="GPTQModel's clipping-range search with this error norm (0: off, its default; 2.4: GPTQ's)")
     q.set_defaults(func=quantize)
 
     lg = sub.add_parser("logits", help="logits of a GPTQ checkpoint loaded by GPTQModel")

@@ -9,8 +9,10 @@ so perplexities are comparable.
 Rows (per bit width):
   fp32            the source model
   rtn             sparsepack, round to nearest (no calibration)
-  ours            sparsepack GPTQ, our defaults: damp 0.01, natural column order
-  gptqmodel       GPTQModel forced to the same settings (damp 0.01, act_group_aware off)
+  ours            sparsepack GPTQ, our defaults: damp 0.01, natural column order, Hessian-weighted clip search
+  gptqmodel       GPTQModel forced to the same settings (damp 0.01, act_group_aware off), no range search (its default)
+  gptqmodel-mse   the same with GPTQModel's own range search on (mse 2.4, the reference GPTQ's norm)
+  ours-noclip     sparsepack without the clip search (plain min/max group grids, like the gptqmodel row)
   ours-gar        sparsepack GPTQ with GPTQModel's defaults: damp 0.05, group-aware order
   gptqmodel-def   GPTQModel with its own defaults (damp 0.05, act_group_aware on)
 All sym, no act-order, true-sequential. GPTQModel computes in bf16 while quantizing (its CPU default).
@@ -54,13 +56,15 @@ from benchmarks._common import (  # noqa: E402
 # name -> (tool, extra flags); flags are the CLI's for sparsepack and _gptqmodel_peer.py's for GPTQModel.
 ROWS = {
     "rtn": ("sparsepack", ["--method", "rtn"]),
-    "ours": ("sparsepack", ["--damp", "0.01", "--no-group-aware"]),
+    "ours": ("sparsepack", ["--damp", "0.01", "--no-group-aware", "--clip-search", "0.2"]),
     "gptqmodel": ("gptqmodel", ["--damp", "0.01", "--no-act-group-aware"]),
     "ours-gar": ("sparsepack", ["--damp", "0.05", "--group-aware"]),
-    "ours-clip": ("sparsepack", ["--damp", "0.01", "--no-group-aware", "--clip-search", "0.2"]),
+    "ours-noclip": ("sparsepack", ["--damp", "0.01", "--no-group-aware", "--clip-search", "0"]),
+    "gptqmodel-mse": ("gptqmodel", ["--damp", "0.01", "--no-act-group-aware", "--mse", "2.4"]),
     "gptqmodel-def": ("gptqmodel", []),
 }
-PAIRS = [("ours", "gptqmodel"), ("ours-gar", "gptqmodel-def")]  # (ours, peer) with the same settings
+PAIRS = [("ours", "gptqmodel"), ("ours", "gptqmodel-mse"), ("ours-noclip", "gptqmodel"),
+         ("ours-gar", "gptqmodel-def")]  # (ours, peer) with the same settings
 SECTION = "## Compress"
 INTEROP_HEADING = "### Interop"  # that subsection belongs to interop_gptqmodel.py
 

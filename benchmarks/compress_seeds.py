@@ -5,11 +5,13 @@ One GPTQ run's perplexity moves by several percent with the calibration sample a
 ``benchmarks/compress.py --rows ours gptqmodel --seed S`` once per seed (both tools quantize the identical
 calibration token ids of that seed), keeps each run's JSON under ``WORKDIR/seedS.json`` (a seed whose JSON is
 there is not run again; its packs are deleted after evaluation to save disk), then tabulates per seed and the
-mean, the per-seed ratios and how many seeds each tool wins.
+mean, the per-seed ratios and how many seeds each tool wins. ``--rerun ours`` measures our row again in every
+seed (after a change to our GPTQ) and keeps GPTQModel's rows, whose code did not change; the seed's calibration
+hash must match.
 
 Usage:
   python benchmarks/compress_seeds.py --json out/bench_compress_seeds.json --seeds 0 1 2 3 4 --bits 4 \
-      [--workdir out/bench-compress-seeds] [--md FILE]
+      [--workdir out/bench-compress-seeds] [--md FILE] [--rerun ours]
 
 Perplexities do not depend on the machine's load; wall times from these runs are not reported.
 """
@@ -28,18 +30,35 @@ ROOT = Path(__file__).resolve().parent.parent
 PAIR = ("ours", "gptqmodel")
 
 
-def run_seed(seed: int, bits: int, work: Path) -> dict:
-    out = work / f"seed{seed}.json"
-    if not out.exists():
-        seed_dir = work / f"seed{seed}"
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "compress.py"), "--json", str(out.with_suffix(".partial")),
-               "--workdir", str(seed_dir), "--bits", str(bits), "--rows", *PAIR, "--seed", str(seed)]  # fmt: skip
-        print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        out.with_suffix(".partial").rename(out)
-        for pack in seed_dir.glob(f"*-w{bits}g*"):  # ~100 MB each; the JSON keeps the figures
-            shutil.rmtree(pack, ignore_errors=True)
+def _compress(seed: int, bits: int, rows: list[str], seed_dir: Path, out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compress.py"), "--json", str(out),
+           "--workdir", str(seed_dir), "--bits", str(bits), "--rows", *rows, "--seed", str(seed)]  # fmt: skip
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    for pack in seed_dir.glob(f"*-w{bits}g*"):  # ~100 MB each; the JSON keeps the figures
+        shutil.rmtree(pack, ignore_errors=True)
     return json.loads(out.read_text())
+
+
+def run_seed(seed: int, bits: int, work: Path, rerun: list[str]) -> dict:
+    out, seed_dir = work / f"seed{seed}.json", work / f"seed{seed}"
+    partial = out.with_suffix(".partial")
+    if not out.exists():
+        _compress(seed, bits, list(PAIR), seed_dir, partial)
+        partial.rename(out)
+        return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    if rerun:
+        new = _compress(seed, bits, rerun, seed_dir, partial)
+        if new["calibration"]["sha256"] != res["calibration"]["sha256"]:
+            raise SystemExit(f"seed {seed}: the calibration windows changed since {out}; delete it and run again")
+        res["tables"][str(bits)].update({r: new["tables"][str(bits)][r] for r in rerun})
+        res.setdefault("reruns", []).append({"rows": rerun, "command": new["command"], "machine": new["machine"]})
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(out)
+        partial.unlink()
+    return res
 
 
 def summarize(runs: dict[int, dict], bits: int) -> dict:
@@ -91,9 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench-compress-seeds")
+    ap.add_argument("--rerun", nargs="+", default=[], choices=list(PAIR),
+                    help="measure these rows again in seeds already measured, keeping the others")  # fmt: skip
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    runs = {seed: run_seed(seed, args.bits, args.workdir) for seed in args.seeds}
+    runs = {seed: run_seed(seed, args.bits, args.workdir, args.rerun) for seed in args.seeds}
     res = summarize(runs, args.bits)
     command = "python benchmarks/compress_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = command

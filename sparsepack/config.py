@@ -23,7 +23,7 @@ class QuantConfig:
     true_sequential: bool = True  # each sublayer group sees the outputs of already-quantized groups
     static_groups: bool = False  # with act-order: compute group grids up front (keeps g_idx monotone)
     group_aware: bool = False  # group-aware column order (GPTQModel's act_group_aware); exclusive with act_order
-    clip_search: float = 0.0  # search each group's clipping range down to (1 - this) x its min/max; 0 = off
+    clip_search: float = 0.2  # search each group's clipping range down to (1 - this) x its min/max; 0 = off
     method: str = "gptq"  # "gptq" (error-compensated) or "rtn" (round to nearest, no calibration)
     skip: str = r"(^|\.)lm_head$"  # regex of module names left unquantized
     nsamples: int = 128  # calibration windows

@@ -45,6 +45,16 @@ def test_compressed_pack_loads_and_stays_close_to_the_fp_model(hf_dir, tmp_path)
     assert (a - b).norm() / b.norm() < 0.2
 
 
+def test_clip_search_is_on_by_default_and_lowers_the_mean_layer_error(hf_dir, tmp_path):
+    clipped = compress(hf_dir / "hf", tmp_path / "c", cfg(hf_dir, bits=3), progress=False)
+    plain = compress(hf_dir / "hf", tmp_path / "p", cfg(hf_dir, bits=3, clip_search=0.0), progress=False)
+    assert read_pack(tmp_path / "c").manifest.history[0].args["clip_search"] == 0.2
+    mean = [sum(r.rel_error for r in res.layers) / len(res.layers) for res in (clipped, plain)]
+    assert mean[0] < mean[1], mean
+    with pytest.raises(ValueError, match="--clip-search"):
+        QuantConfig(clip_search=1.0)
+
+
 def test_relative_output_error_from_the_hessian_matches_the_direct_one():
     """The manifest's per-layer error (from H, fp32) equals ||X dW^T|| / ||X W^T|| on the inputs themselves."""
     g = torch.Generator().manual_seed(0)
