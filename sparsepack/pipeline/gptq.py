@@ -16,6 +16,11 @@ Quantization grid of a group (the same as the reference IST-DASLab/gptq ``Quanti
 clamped to ``>= 1`` because GPTQ v1 cannot store a zero point of 0 (see ``formats.gptq_layout``).
 Scales are rounded to fp16 before use, so the packed checkpoint dequantizes to exactly the values whose
 error GPTQ compensated.
+
+With a :class:`ClipSearch` (compress's default) that min/max range is also tried shrunk, and each output column
+of a group keeps the range whose rounding error, weighted per row by GPTQ's own cost ``1 / Hinv[k, k]^2``, is
+smallest. The reference's ``mse`` option searches the same way with unweighted errors. On SmolLM2 4-bit g64 it
+lowered held-out perplexity by 2-11% over five calibration seeds (``docs/BENCHMARKS.md``, Compress).
 """
 
 from __future__ import annotations
