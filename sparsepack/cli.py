@@ -79,9 +79,9 @@ def main() -> None:
 @click.option("--static-groups", is_flag=True, help="With act-order: group grids fixed up front (monotone g_idx).")
 @click.option("--group-aware/--no-group-aware", default=False, show_default=True,
               help="Group-aware column order (GPTQModel's act_group_aware): most of act-order's gain, monotone g_idx.")
-@click.option("--clip-search", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--clip-search", default=None, type=click.FloatRange(0, 1, max_open=True),
               help="Search each group's clipping range down to (1 - this) x its min/max, weighing errors by the "
-                   "Hessian (0: plain min/max grids).")
+                   "Hessian (0: plain min/max grids). Default: 0.2 below 8 bits, off at 8 bits.")
 @click.option("--method", default="gptq", show_default=True, type=click.Choice(["gptq", "rtn"]),
               help="gptq (error compensation on calibration data) or rtn (round to nearest, no data).")
 @click.option("--skip", default=r"(^|\.)lm_head$", show_default=True, help="Regex of module names left unquantized.")

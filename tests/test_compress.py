@@ -53,6 +53,7 @@ def test_clip_search_is_on_by_default_and_lowers_the_mean_layer_error(hf_dir, tm
     assert mean[0] < mean[1], mean
     with pytest.raises(ValueError, match="--clip-search"):
         QuantConfig(clip_search=1.0)
+    assert QuantConfig(bits=8).clip_search == 0.0 and QuantConfig(bits=2).clip_search == 0.2
 
 
 def test_relative_output_error_from_the_hessian_matches_the_direct_one():
