@@ -10,7 +10,6 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
 CLIP_SEARCH_DEFAULT = 0.2  # QuantConfig.clip_search below 8 bits
 
 
