@@ -311,6 +311,11 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int) -> list[dic
          "train": [*rosa, "--teacher", model_dir, "--init", "zero", "--warmup-steps", str(warmup),
                    "--mask-samples", "8", "--steps", str(steps)]},
         {"label": f"fp32 + LoRA r={Q_RANK_LORA} (ceiling)", "base": model_dir, "train": lora},
+        {"label": "4-bit + RoSA low-rank residual init (--init residual-lowrank --kl-weight 0)", "base": pack,
+         "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-weight", "0",
+                   "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
+        {"label": f"4-bit + LoRA r={Q_RANK_LORA} low-rank residual init (--init residual-lowrank --kl-weight 0)",
+         "base": pack, "train": [*lora, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-weight", "0"]},
     ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from sparsepack import __version__
+from sparsepack.config import INIT_MODES
 
 PIPELINE_HELP = """Compress, correct and ship Hugging Face causal LMs as one versioned pack.
 
@@ -154,10 +155,11 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
                    "teacher logits computed without grad on the same batch; enables --init residual.")
 @click.option("--kl-weight", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Weight of the KL-to-teacher term (0: the teacher only initializes).")
-@click.option("--init", default="auto", show_default=True, type=click.Choice(["auto", "zero", "residual"]),
-              help="Correction start: zero (B = 0, S = 0), or residual: S on the largest entries of W_fp - W_q "
+@click.option("--init", default="auto", show_default=True, type=click.Choice(list(INIT_MODES)),
+              help="Correction start: zero (B = 0, S = 0); residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "
-                   "selection); auto = residual with --teacher, else zero.")
+                   "selection); residual-lowrank: A/B from an SVD of the whole W_fp - W_q, S at zero on the "
+                   "support the method chooses (needs --teacher); auto = residual with --teacher, else zero.")
 @click.option("--eval-data", default=None, help="Held-out SOURCE for perplexity during training.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 CLIP_SEARCH_DEFAULT = 0.2  # QuantConfig.clip_search below 8 bits
+INIT_MODES = ("auto", "zero", "residual", "residual-lowrank")  # TrainConfig.init
 
 
 @dataclass
@@ -121,8 +122,9 @@ class TrainConfig:
     device: str = "cpu"  # cpu or cuda
     teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
     kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
-    init: str = "auto"  # correction start: zero, residual (from W_fp - W_q; needs a teacher), auto (residual
-    # with a teacher, else zero: on the sample it beat zero init, see docs/BENCHMARKS.md "Finetune")
+    init: str = "auto"  # correction start: zero; residual (S and A/B from W_fp - W_q; needs a teacher);
+    # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); auto (residual with a
+    # teacher, else zero: on the sample it beat zero init, see docs/BENCHMARKS.md "Finetune")
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
@@ -140,17 +142,22 @@ class TrainConfig:
             raise ValueError("--warmup-steps must be >= 0 and --mask-samples >= 1")
         if not 0 < self.fisher_budget <= 1:
             raise ValueError(f"fisher_budget must be in (0, 1], got {self.fisher_budget}")
-        if self.init not in ("auto", "zero", "residual"):
-            raise ValueError(f"--init must be auto, zero or residual, got {self.init!r}")
-        if self.init == "residual" and not self.teacher:
-            raise ValueError("--init residual needs --teacher (the fp model the pack was compressed from)")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"--init must be one of {', '.join(INIT_MODES)}, got {self.init!r}")
+        if self.init.startswith("residual") and not self.teacher:
+            raise ValueError(f"--init {self.init} needs --teacher (the fp model the pack was compressed from)")
         if self.kl_weight < 0:
             raise ValueError(f"--kl-weight must be >= 0, got {self.kl_weight}")
 
     @property
     def residual_init(self) -> bool:
         """Start the correction from the teacher's residual ``W_fp - W_q`` (``auto``: whenever a teacher is given)."""
-        return self.init == "residual" or (self.init == "auto" and bool(self.teacher))
+        return self.init.startswith("residual") or (self.init == "auto" and bool(self.teacher))
+
+    @property
+    def residual_support(self) -> bool:
+        """The residual initialization also fixes the sparse support (and skips warm-up and selection)."""
+        return self.residual_init and self.init != "residual-lowrank"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -85,6 +85,32 @@ def test_residual_init_on_a_pack_reduces_every_layers_error(env):
         assert torch.linalg.norm(w_fp - corrected) < 0.97 * torch.linalg.norm(w_fp - w_q), n
 
 
+def test_residual_lowrank_init_fits_the_whole_residual_and_leaves_the_support_to_the_method(env, tmp_path):
+    cfg = cfg_for(env, init="residual-lowrank")
+    from sparsepack.methods.residual import svd_factors
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    model = sparsepack.load(env / "pack")
+    teacher = sparsepack.load(env / "hf")
+    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg, [(torch.arange(8), torch.arange(8))], None,
+                             progress=False, teacher=teacher)  # fmt: skip
+    tr.setup()
+    assert [p.name for p in tr.phases] == ["warmup", "select", "train"]  # RoSA's own schedule chooses S
+    for n, layer in tr.layers.items():
+        assert "a1" not in layer.supports, n
+        w_fp, w_q = teacher.get_submodule(n).weight, layer.dense_base()
+        A, B, err2, total2 = svd_factors(w_fp - w_q, tr.budgets[n].rank, layer.scaling["a1"])  # the whole residual
+        torch.testing.assert_close(layer.lora_A["a1"].data, A)
+        torch.testing.assert_close(layer.lora_B["a1"].data, B)
+        got2 = float(torch.linalg.norm((w_fp - w_q - layer.delta_weight("a1")).double()) ** 2)
+        assert got2 == pytest.approx(err2, rel=1e-3) and err2 < total2
+    # end to end: the Fisher rule picks the support after the warm-up, values start at zero and train
+    res = finetune(env / "pack", tmp_path / "o", cfg_for(env, init="residual-lowrank", kl_weight=0), progress=False)
+    assert res.summary["selection"]["passes"] > 0  # gradient passes, where a residual support takes none
+    t = adapter_tensors(tmp_path / "o")
+    assert any(k.endswith("values") for k in t) and all(v.abs().sum() > 0 for k, v in t.items() if k.endswith("values"))
+
+
 def test_kl_loss_equals_direct_computation():
     gen = torch.Generator().manual_seed(1)
     s = torch.randn(2, 7, 11, generator=gen, requires_grad=True)
@@ -133,6 +159,8 @@ def test_teacher_must_match_the_pack(env, tmp_path):
         finetune(env / "pack", tmp_path / "o", cfg_for(env, teacher=str(env / "pack")), progress=False)
     with pytest.raises(ValueError, match="--init residual needs --teacher"):
         cfg_for(env, teacher=None, init="residual")
+    with pytest.raises(ValueError, match="--init residual-lowrank needs --teacher"):
+        cfg_for(env, teacher=None, init="residual-lowrank")
     assert cfg_for(env).residual_init and not cfg_for(env, init="zero").residual_init  # auto: residual with a teacher
     assert not cfg_for(env, teacher=None).residual_init
     assert not (tmp_path / "o").exists()

@@ -57,10 +57,11 @@ class TrainState:
 
 
 def plan_phases(preset: Preset, cfg: TrainConfig, steps: int) -> list[Phase]:
-    """A residual initialization takes the support from ``W_fp - W_q`` (at setup): no warm-up, and the selection
-    phase only hands the sparse values to the optimizer."""
+    """A residual initialization that takes the support from ``W_fp - W_q`` (at setup) has no warm-up, and its
+    selection phase only hands the sparse values to the optimizer."""
     phases = []
-    if preset.sparse and preset.lowrank and preset.lowrank_warmup and cfg.warmup_steps > 0 and not cfg.residual_init:
+    warm = preset.sparse and preset.lowrank and preset.lowrank_warmup and cfg.warmup_steps > 0
+    if warm and not cfg.residual_support:
         phases.append(Phase("warmup", cfg.warmup_steps))
     if preset.sparse:
         phases.append(Phase("select"))
@@ -145,22 +146,27 @@ class Trainer:
         set_active_adapters(self.model, cfg.adapter)
 
     def _residual_init(self) -> None:
-        """Seed every layer's correction from ``W_teacher - W_base`` (``methods.residual``), one layer at a time."""
+        """Seed every layer's correction from ``W_teacher - W_base`` (``methods.residual``), one layer at a time.
+
+        ``--init residual-lowrank`` fits only the low-rank part to the whole residual; the sparse part then
+        starts at zero on the support the method's own rule chooses (RoSA: after the low-rank warm-up)."""
         if self.teacher is None:
             raise ValueError("a residual initialization needs the teacher model")
         a = self.cfg.adapter
+        with_support = self.cfg.residual_support
         start = time.perf_counter()
         for n, layer in self.layers.items():
             b = self.budgets[n]
             w_fp = self.teacher.get_submodule(n).weight.detach()
-            init = residual_init(w_fp, layer.dense_base(), b.rank, b.nnz, layer.scaling.get(a, 1.0))
+            nnz = b.nnz if with_support else 0
+            init = residual_init(w_fp, layer.dense_base(), b.rank, nnz, layer.scaling.get(a, 1.0))
             if init.A is not None:
                 layer.lora_A[a].data.copy_(init.A)
                 layer.lora_B[a].data.copy_(init.B)
             if init.support is not None:
                 layer.set_support(a, init.support.to(self.device), init.values.to(self.device))
         self.residual_summary = {"rule": "residual", "seconds": time.perf_counter() - start, "passes": 0,
-                                 "nnz": sum(b.nnz for b in self.budgets.values())}  # fmt: skip
+                                 "nnz": sum(b.nnz for b in self.budgets.values()) if with_support else 0}  # fmt: skip
 
     def _param_names(self) -> dict[int, str]:
         out = {}
@@ -369,7 +375,7 @@ class Trainer:
             phase = self.phases[self.state.phase]
             if phase.name == "select":
                 self.model.train()
-                summary["selection"] = self.residual_summary if self.cfg.residual_init else self._select_support()
+                summary["selection"] = self.residual_summary if self.cfg.residual_support else self._select_support()
                 # restart: A/B as the warm-up left them, fresh optimizer and schedule for both parts;
                 # continue: keep A/B's optimizer state and add the sparse values to it.
                 old = self.optimizer
