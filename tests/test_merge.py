@@ -320,8 +320,9 @@ def test_unfused_inference_equals_the_dense_reference(packs, base):
 
 @pytest.mark.parametrize("parts", ["both", "lowrank", "sparse"])
 def test_decode_kernel_equals_the_torch_path_and_follows_updates(parts):
-    """Calls of at most 4 tokens (fp32, CPU, no autograd) add the correction in one compiled call: equal to the
-    dense reference for either part alone or both; in-place value updates show through its cached views; a
+    """Calls of at most 4 tokens (fp32, CPU, no autograd) add the correction in one compiled call, longer ones
+    reuse the same cached arrays: equal to the dense reference for either part alone or both; in-place value
+    updates show through the cached views; a
     replaced adapter is read afresh; deleting the adapter leaves no reference to its tensors."""
     from sparsepack.layers import adapter_linear
 
@@ -347,13 +348,13 @@ def test_decode_kernel_equals_the_torch_path_and_follows_updates(parts):
 
     adapter_linear._numpy_parts = counting
     try:
-        for tokens in (1, 3, 4):
+        for tokens in (1, 3, 4, 9):  # 9: the many-token path (addmm + in-place CSR product on the cached arrays)
             x = torch.randn(1, tokens, 24, generator=g)
             with torch.no_grad():
                 y = layer(x)
             w = base.weight + layer.delta_weight("x")
             torch.testing.assert_close(y, F.linear(x, w, base.bias), atol=1e-5, rtol=1e-5)
-        assert calls["n"] == 3
+        assert calls["n"] == 4
         if parts != "lowrank":
             with torch.no_grad():
                 layer.sparse_values["x"].mul_(2)  # in place: the cached views see it

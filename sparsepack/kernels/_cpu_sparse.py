@@ -188,6 +188,17 @@ def add_spmm_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, row_ptr: t
         _spmm_kernel(xT, values.detach().numpy(), _int32(row_ptr), _int32(col_idx), y.detach().numpy(), _ADD_ROWS, True)
 
 
+def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: np.ndarray,
+                     col_idx: np.ndarray) -> None:  # fmt: skip
+    """:func:`add_spmm_` on numpy arrays the caller keeps (fp32 ``x [T, in]`` and ``y [T, out]`` C-contiguous,
+    ``values`` fp32, int32 CSR): the inference path's call, without per-call conversions."""
+    if x.shape[0] and y.shape[1]:
+        match_torch_threads()
+        xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)
+        transpose_into(x, xT)
+        _spmm_kernel(xT, values, row_ptr, col_idx, y, _ADD_ROWS, True)
+
+
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):
     """``dy [T, out] @ S -> [T, in]`` for CSR ``S [out, in]``: spmm with the transposed CSR."""
     row_idx = csr_row_indices(row_ptr, col_idx.numel())

@@ -313,7 +313,8 @@ _KERNEL_MAX_TOKENS = 4  # CPU fp32 calls of at most this many tokens add the cor
 
 
 def _numpy_parts(layer: SparseLowRankLinear, name: str) -> tuple | None:
-    """Adapter ``name``'s fp32 tensors as the decode kernel's arguments (cached per layer; None: not fp32).
+    """Adapter ``name``'s fp32 tensors as the CPU kernels' arguments (cached per layer; None: not fp32):
+    ``(A, B^T, scaling, values, row_idx, col_idx, row_ptr)``, the first six the decode kernel's.
 
     ``A``, the values and the support are numpy views sharing memory with the parameters, so in-place updates
     show through; ``B`` goes in transposed (``[r, out]``: the kernel's axpy rows), a copy rebuilt when ``B``'s
@@ -332,24 +333,34 @@ def _numpy_parts(layer: SparseLowRankLinear, name: str) -> tuple | None:
         a, bt = A.detach().numpy(), B.detach().t().contiguous().numpy()
     if values is None:
         v, row_idx, col_idx = np.empty(0, np.float32), np.empty(0, np.int32), np.empty(0, np.int32)
+        row_ptr = np.zeros(out_f + 1, np.int32)
     else:
         s = layer.supports[name]
         v = values.detach().numpy()
         row_idx, col_idx = s.row_idx.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
-    parts = (a, bt, float(layer.scaling.get(name, 1.0)), v, row_idx, col_idx)
+        row_ptr = s.row_ptr.to(torch.int32).numpy()
+    parts = (a, bt, float(layer.scaling.get(name, 1.0)), v, row_idx, col_idx, row_ptr)
     layer._numpy_parts[name] = (B, None if B is None else B._version, parts)
     return parts
 
 
 def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
     """``y2 [T, out] += correction of adapter name on x2 [T, in]`` (inference, no autograd)."""
-    if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] <= _KERNEL_MAX_TOKENS:
-        # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
+    if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.is_contiguous() and y2.is_contiguous():
         parts = _numpy_parts(layer, name)
         if parts is not None:
             if x2.requires_grad or y2.requires_grad:  # detach() costs as much as the view: only when needed
                 x2, y2 = x2.detach(), y2.detach()
-            kernel_module("_cpu_sparse").add_correction_(x2.numpy(), y2.numpy(), *parts)
+            if x2.shape[0] <= _KERNEL_MAX_TOKENS:
+                # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
+                kernel_module("_cpu_sparse").add_correction_(x2.numpy(), y2.numpy(), *parts[:6])
+                return
+            # many tokens: MKL's two small GEMMs for the low-rank part, then the sparse product added in place
+            # by a compiled kernel, straight from the cached arrays (no per-call tensor -> array conversions)
+            if name in layer.lora_A:
+                y2.addmm_(x2 @ layer.lora_A[name].t(), layer.lora_B[name].t(), alpha=layer.scaling[name])
+            if name in layer.sparse_values:
+                kernel_module("_cpu_sparse").add_spmm_arrays_(x2.numpy(), y2.numpy(), parts[3], parts[6], parts[5])
             return
     if name in layer.lora_A:
         A, B = layer.lora_A[name].to(x2.dtype), layer.lora_B[name].to(x2.dtype)
