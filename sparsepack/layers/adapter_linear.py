@@ -80,12 +80,18 @@ class SparseLowRankLinear(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        for attr in ("weight", "qweight"):  # nn.Linear, QuantizedLinear: no walk over the base's tensors
+            t = getattr(self.base, attr, None)
+            if isinstance(t, torch.Tensor):
+                return t.device
         return next(t for t in list(self.base.parameters()) + list(self.base.buffers())).device
 
     def add_adapter(self, name: str, module: AdapterModule, dropout: float = 0.0, trainable: bool = False) -> None:
         """Attach one module's stored correction under ``name`` (replacing any adapter of that name)."""
-        self.delete_adapter(name)
+        if self.has_adapter(name) or name in self.dropout:
+            self.delete_adapter(name)
         device = self.device
+        self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if module.rank:
             self.lora_A[name] = nn.Parameter(module.A.to(device, torch.float32), requires_grad=trainable)
             self.lora_B[name] = nn.Parameter(module.B.to(device, torch.float32), requires_grad=trainable)
@@ -96,7 +102,6 @@ class SparseLowRankLinear(nn.Module):
             col_idx = module.col_idx.to(device, torch.int32)
             support = CSRSupport(row_ptr, col_idx, csr_row_idx(row_ptr), (self.out_features, self.in_features))
             self.set_support(name, support, module.values.to(device, torch.float32), trainable)
-        self.dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def init_lowrank(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
                      generator: torch.Generator | None = None) -> None:  # fmt: skip
