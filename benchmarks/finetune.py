@@ -316,6 +316,10 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int) -> list[dic
                    "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
         {"label": f"4-bit + LoRA r={Q_RANK_LORA} low-rank residual init (--init residual-lowrank --kl-weight 0)",
          "base": pack, "train": [*lora, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-weight", "0"]},
+        *({"label": f"4-bit + RoSA low-rank residual init + KL (--init residual-lowrank --kl-weight {kl})",
+           "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-weight", kl,
+                                   "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]}
+          for kl in ("1", "0.25")),
     ]  # fmt: skip
 
 

@@ -152,14 +152,14 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 @click.option("--teacher", default=None, type=click.Path(exists=True, file_okay=False),
               help="The fp MODEL_DIR the pack was compressed from (same architecture and dimensions). Adds a "
                    "distillation term: loss = LM loss + --kl-weight * KL(teacher || student), per label token, "
-                   "teacher logits computed without grad on the same batch; enables --init residual.")
+                   "teacher logits computed without grad on the same batch; enables the residual --init modes.")
 @click.option("--kl-weight", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Weight of the KL-to-teacher term (0: the teacher only initializes).")
 @click.option("--init", default="auto", show_default=True, type=click.Choice(list(INIT_MODES)),
               help="Correction start: zero (B = 0, S = 0); residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "
                    "selection); residual-lowrank: A/B from an SVD of the whole W_fp - W_q, S at zero on the "
-                   "support the method chooses (needs --teacher); auto = residual with --teacher, else zero.")
+                   "support the method chooses (needs --teacher); auto = residual-lowrank with --teacher, else zero.")
 @click.option("--eval-data", default=None, help="Held-out SOURCE for perplexity during training.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")

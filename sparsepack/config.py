@@ -123,8 +123,8 @@ class TrainConfig:
     teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
     kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
     init: str = "auto"  # correction start: zero; residual (S and A/B from W_fp - W_q; needs a teacher);
-    # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); auto (residual with a
-    # teacher, else zero: on the sample it beat zero init, see docs/BENCHMARKS.md "Finetune")
+    # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); auto (residual-lowrank with
+    # a teacher, else zero: on the sample it beat both other starts, see docs/BENCHMARKS.md "Finetune")
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
@@ -156,8 +156,9 @@ class TrainConfig:
 
     @property
     def residual_support(self) -> bool:
-        """The residual initialization also fixes the sparse support (and skips warm-up and selection)."""
-        return self.residual_init and self.init != "residual-lowrank"
+        """The residual initialization also fixes the sparse support (and skips warm-up and selection): only
+        ``--init residual``; ``residual-lowrank`` and ``auto`` leave the support to the method's rule."""
+        return self.init == "residual"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

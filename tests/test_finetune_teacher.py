@@ -162,11 +162,12 @@ def test_teacher_must_match_the_pack(env, tmp_path):
     with pytest.raises(ValueError, match="--init residual-lowrank needs --teacher"):
         cfg_for(env, teacher=None, init="residual-lowrank")
     assert cfg_for(env).residual_init and not cfg_for(env, init="zero").residual_init  # auto: residual with a teacher
+    assert not cfg_for(env).residual_support and cfg_for(env, init="residual").residual_support  # auto: low-rank only
     assert not cfg_for(env, teacher=None).residual_init
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("init", ["residual", "zero"])
+@pytest.mark.parametrize("init", ["residual", "zero", "auto"])  # auto with a teacher: residual-lowrank
 def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init):
     cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7)
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)
