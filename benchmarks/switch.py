@@ -43,40 +43,39 @@ SECTION = "## Switching"
 NOTES = [
     "Notes.",
     "",
-    "- **fuse**: a RoSA adapter has a rank-16 low-rank part, so fusing it is a rank-16 GEMM over every adapted "
-    "weight, the same product PEFT's merge computes. Ours writes `W + s B A + S` in one `addmm` pass into a "
-    "buffer (the original tensor is kept and swapped back by `unfuse`: exact, no copy) where PEFT makes the "
-    "delta, scales it, adds it and swaps modules. That saves PEFT's extra passes, not the GEMM: about 1.6x, "
-    "short of the 5x goal, which is SHiRA's figure for sparse-only adapters at 1-2% density. The sparse-only "
-    "row shows the scatter-only path at RoSA's equal budget (density 5.2%, 5.5M scattered values): 2x.",
+    "- **fuse**: a RoSA adapter has a rank-16 low-rank part, so fusing it changes every entry of every adapted "
+    "weight: at least one pass that reads `W` and writes `W + s B A + S` (425 MB each way for the 210 fp32 "
+    "linears here), and an exact `unfuse` needs the original kept (ours keeps the tensor and swaps it back: no "
+    "copy). Ours is that single `addmm` pass; PEFT's merge makes the delta, scales it, adds it and swaps "
+    "modules, about 1.7 passes' worth. So the ratio is bounded by memory traffic near 0.5-0.6x, not 0.2x: the "
+    "5x goal is SHiRA's figure for sparse-only adapters at 1-2% density, whose scatter touches a fraction of "
+    "the cache lines. At RoSA's equal budget a sparse-only adapter is 5.2% dense (5.5M values, one every 19 "
+    "floats, so its in-place scatter still touches every 64-byte line): the sparse-only row, about 2x.",
     "- **unfused overhead** is the correction's extra work per layer against the base product: one low-rank "
-    "`addmm` and one compiled CSR product added in place into the base's output (`add_spmm_`); at most 4 "
-    "tokens, one compiled call for both. PEFT's own unmerged LoRA r=16 (no sparse part) is the peer "
-    "reference.",
+    "`addmm` and one compiled CSR product added in place into the base's output; at most 4 tokens, one "
+    "compiled call for both. PEFT's own unmerged LoRA r=16 (no sparse part) is the peer reference.",
     "- **load**: `sparsepack.load` is slower and larger than `from_pretrained` of the fp16 model here: it "
     "verifies every file's sha256 (the `verify=False` row), computes unquantized tensors in fp32 on CPU (the "
     "tied 49152 x 576 embedding is upcast: 113 MB written, and its fp16 pages are touched), and the first "
     "forward loads the compiled dequant kernels from numba's cache (the load + forward column).",
-    "- Fixed while measuring (same machine, before -> after): `set_adapter` walked the module tree three "
-    "times per switch, 12.1 ms -> 0.55 ms wall (the walk is now cached until a layer is swapped); `fuse` "
-    "wrote into the memory-mapped base (copy-on-write page faults) after backing the weight up by a copy, "
-    "1143 ms first / 557 ms again -> about 240 ms wall, `unfuse` 87 ms -> 0.07 ms; unfused inference on the "
-    "fp32 base folded the sparse part into a transient copy of every weight at each call (decode 1.64x the "
-    "fused model's wall time) -> base product plus a torch CSR product and an in-place low-rank `addmm` "
-    "without autograd (1.25x CPU); GPTQ-base calls of at most 4 tokens take the same split path (there the "
-    "fold's fixed cost exceeds its saving). The before figures are single trial runs (wall, load average 5-8).",
-    "- Fixed on 2026-11-24 17:30-17:58 (quiet machine, load average under 1.1): numba's workqueue threads sleep "
-    "between parallel calls and took 65-85 us to start on every call, more than most decode and 128-token "
-    "products take. Every numba kernel now has a serial driver, taken when the call's estimated serial time is "
-    "under 0.5 ms (and always with one torch thread: numba now follows `torch.set_num_threads`). The 4-bit "
-    "bare pack decodes 32 tokens in 2065 ms (3212 ms in the 16:41 run). At 128 tokens the sparse product is "
-    "now added in place by a compiled kernel instead of torch's CSR product plus a transposed add: fp32-base "
-    "prefill overhead 1.17x (16:41) -> 1.138x in a `--parts inference` run at 17:31 and 1.170x in this full "
-    "run, so it sits on the 1.15x line: a 1536 x 576 layer at 128 tokens still spends about 45 us transposing "
-    "its input and, of the kernel's 88 us (2 threads), about 50 us writing the product back token-major. "
-    "After this run `load_adapter` builds CSR row indices with numpy's `repeat` (13 vs 45 us per 1536-row "
-    "layer): `--parts switch` at 19:28 (quiet) measured load + activate at 53.8 ms CPU vs PEFT's 307.4 ms, "
-    "0.175x (0.210x in the table above).",
+    "- Run-to-run spread of the unfused overhead (quiet machine, 1 thread, 2026-11-25 01:29-01:40, code of "
+    "this table): fp32-base prefill 1.086x, 1.156x (this table), 1.115x and 1.150x in four runs (the last two "
+    "`--parts inference --repeats 10`), mean 1.127x; fp32 decode 1.135x, 1.162x, 1.121x, 1.116x; 4-bit "
+    "prefill 1.059x, 1.126x, 1.062x, 1.097x; 4-bit decode 1.121x, 1.136x, 1.134x, 1.122x. PEFT's own "
+    "unmerged overhead moved as much (prefill 1.063-1.108x, decode 1.117-1.169x). One layer alone, 128 "
+    "tokens, min of 300 calls (`/tmp` script): 1536 x 576 base 2253 us, low-rank 103 us, sparse 114 us; "
+    "576 x 576 835 / 60 / 54 us; 192 x 576 285 / 43 / 31 us; per decoder block 1.145x the base products.",
+    "- Changed on 2026-11-25 (before this table): calls of more than 4 tokens take the low-rank `addmm` and "
+    "the compiled in-place CSR product straight from the arrays the decode path caches per adapter (no "
+    "tensor -> array conversions per call; fp32 prefill 1.161x in the 2026-11-24 21:26 run); `load_adapter` "
+    "no longer builds two dropout modules per layer nor walks the base's tensors for its device (load + "
+    "activate 0.210x / 0.175x of PEFT's time in the previous runs).",
+    "- History: `set_adapter` walked the module tree three times per switch (12.1 -> 0.55 ms); `fuse` wrote "
+    "into the memory-mapped base through copy-on-write faults (1143 ms first -> about 240 ms, then the "
+    "single `addmm` pass); unfused inference folded the sparse part into a transient weight copy per call "
+    "(decode 1.64x); numba's sleeping workqueue threads cost 65-85 us per parallel call (every kernel now "
+    "has a serial driver for short calls); the sparse kernels' transposes go through SIMD 8 x 8 blocks "
+    "(d7fa471).",
     "",
 ]
 
