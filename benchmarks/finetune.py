@@ -320,6 +320,11 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int) -> list[dic
            "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-weight", kl,
                                    "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]}
           for kl in ("1", "0.25")),
+        *({"label": f"4-bit + RoSA low-rank residual init, --lr-lowrank {lr} (--init residual-lowrank --kl-weight 0)",
+           "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-weight", "0",
+                                   "--lr-lowrank", lr, "--warmup-steps", str(warmup), "--mask-samples", "8",
+                                   "--steps", str(steps)]}
+          for lr in ("5e-4", "2e-4")),
     ]  # fmt: skip
 
 
