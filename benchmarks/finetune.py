@@ -290,10 +290,10 @@ Q_SEQLEN, Q_EVAL_SEQLEN, Q_EVAL_WINDOWS = 128, 256, 16
 Q_RANK_LORA = 18  # LoRA rank whose parameter count matches RoSA r=16 d=0.6% on SmolLM2-135M (within 0.5%)
 
 
-def quality_runs(pack: str, model_dir: str, steps: int, warmup: int) -> list[dict]:
+def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int = 0) -> list[dict]:
     """The configurations of the quality table: (label, base, finetune flags or None for the bare base)."""
     common = ["--data", "stdlib:pydoc@train", "--batch-size", str(BATCH), "--grad-accum", "1", "--seqlen",
-              str(Q_SEQLEN), "--lr-lowrank", "1e-3", "--lr", "4e-4", "--seed", "0"]  # fmt: skip
+              str(Q_SEQLEN), "--lr-lowrank", "1e-3", "--lr", "4e-4", "--seed", str(seed)]  # fmt: skip
     lora = [*common, "--method", "lora", "--rank", str(Q_RANK_LORA), "--steps", str(steps + warmup)]
     rosa = [*common, "--method", "rosa", "--rank", str(RANK), "--density", str(DENSITY)]
     return [
@@ -358,7 +358,7 @@ def run_quality(args, log_dir: Path, model_dir: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     info = info_text(work / "coreutils.txt")
     texts = {"pydoc": "stdlib:pydoc@eval", **({"coreutils": str(info)} if info else {})}
-    runs = quality_runs(args.pack, model_dir, args.q_steps, args.q_warmup)
+    runs = quality_runs(args.pack, model_dir, args.q_steps, args.q_warmup, args.q_seed)
     if args.q_only:
         keep = {int(x) for x in args.q_only.split(",")}
         runs = [r for i, r in enumerate(runs) if i in keep]
@@ -412,6 +412,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="peft-lora,rosa,rosa-4bit,selection")
     ap.add_argument("--q-steps", type=int, default=12, help="quality: joint-phase steps (all runs get + warm-up)")
     ap.add_argument("--q-warmup", type=int, default=4, help="quality: RoSA's low-rank warm-up steps")
+    ap.add_argument("--q-seed", type=int, default=0, help="quality: --seed of every run (init, data order, dropout)")
     ap.add_argument("--q-parallel", type=int, default=3, help="quality: runs at once")
     ap.add_argument("--q-only", default=None, help="quality: comma-separated run indices")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
