@@ -67,15 +67,20 @@ def test_residual_init_equals_dense_svd_reference_and_reduces_error():
     torch.testing.assert_close(init.A.norm(dim=1), init.B.norm(dim=0), rtol=1e-4, atol=1e-6)
 
 
-def test_residual_init_on_a_pack_reduces_every_layers_error(env):
-    cfg = cfg_for(env, init="residual")
+def set_up_trainer(env, init):
+    """A Trainer on the 3-bit pack with the fp teacher, set up (initialized) with ``--init init``."""
     from sparsepack.runtime.tokenizer import load_tokenizer
 
     model = sparsepack.load(env / "pack")
     teacher = sparsepack.load(env / "hf")
-    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg, [(torch.arange(8), torch.arange(8))], None,
-                             progress=False, teacher=teacher)  # fmt: skip
+    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg_for(env, init=init),
+                             [(torch.arange(8), torch.arange(8))], None, progress=False, teacher=teacher)  # fmt: skip
     tr.setup()
+    return tr, teacher
+
+
+def test_residual_init_on_a_pack_reduces_every_layers_error(env):
+    tr, teacher = set_up_trainer(env, "residual")
     assert [p.name for p in tr.phases] == ["select", "train"]  # the support comes from the residual: no warm-up
     for n, layer in tr.layers.items():
         w_fp = teacher.get_submodule(n).weight
@@ -86,15 +91,9 @@ def test_residual_init_on_a_pack_reduces_every_layers_error(env):
 
 
 def test_residual_lowrank_init_fits_the_whole_residual_and_leaves_the_support_to_the_method(env, tmp_path):
-    cfg = cfg_for(env, init="residual-lowrank")
     from sparsepack.methods.residual import svd_factors
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
-    model = sparsepack.load(env / "pack")
-    teacher = sparsepack.load(env / "hf")
-    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg, [(torch.arange(8), torch.arange(8))], None,
-                             progress=False, teacher=teacher)  # fmt: skip
-    tr.setup()
+    tr, teacher = set_up_trainer(env, "residual-lowrank")
     assert [p.name for p in tr.phases] == ["warmup", "select", "train"]  # RoSA's own schedule chooses S
     for n, layer in tr.layers.items():
         assert "a1" not in layer.supports, n
