@@ -153,11 +153,18 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _transposed(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """``[T, F]`` -> contiguous ``[F, T]`` numpy array in ``dtype`` (one copy: transpose and cast fused)."""
-    out = np.empty((a.shape[1], a.shape[0]), dtype=np.float32 if dtype == torch.float32 else np.float64)
     if a.dtype == dtype and a.is_contiguous():
-        transpose_into(a.detach().numpy(), out)  # SIMD blocks: 4-5x faster than torch's transposing copy
-    else:
-        torch.from_numpy(out).copy_(a.detach().t())  # (F, T); cast fused into the copy
+        return _transposed_array(a.detach().numpy())
+    out = np.empty((a.shape[1], a.shape[0]), dtype=np.float32 if dtype == torch.float32 else np.float64)
+    torch.from_numpy(out).copy_(a.detach().t())  # (F, T); cast fused into the copy
+    return out
+
+
+def _transposed_array(a: np.ndarray) -> np.ndarray:
+    """C-contiguous ``[T, F]`` fp32/fp64 -> contiguous ``[F, T]``: SIMD blocks, 4-5x faster than torch's
+    transposing copy."""
+    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
+    transpose_into(a, out)
     return out
 
 
@@ -194,9 +201,7 @@ def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: 
     ``values`` fp32, int32 CSR): the inference path's call, without per-call conversions."""
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
-        xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)
-        transpose_into(x, xT)
-        _spmm_kernel(xT, values, row_ptr, col_idx, y, _ADD_ROWS, True)
+        _spmm_kernel(_transposed_array(x), values, row_ptr, col_idx, y, _ADD_ROWS, True)
 
 
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class SparseLowRankLinear(nn.Module):
         self._spare: torch.Tensor | None = None  # weight-sized buffer kept by unfuse for the next fuse
         # adapter name -> (B, B's version, kernel arguments) for the decode kernel (see _numpy_parts); emptied
         # whenever an adapter's tensors are replaced or the module is moved or cast (_apply)
-        self._numpy_parts: dict[str, tuple] = {}
+        self._numpy_parts: dict[str, tuple] = {}  # name -> (B, B._version, KernelParts)
 
     # ----------------------------------------------------------------------------------------- adapters
 
@@ -317,9 +318,24 @@ def _csr(s: CSRSupport, values: torch.Tensor) -> torch.Tensor:
 _KERNEL_MAX_TOKENS = 4  # CPU fp32 calls of at most this many tokens add the correction in one compiled call
 
 
-def _numpy_parts(layer: SparseLowRankLinear, name: str) -> tuple | None:
-    """Adapter ``name``'s fp32 tensors as the CPU kernels' arguments (cached per layer; None: not fp32):
-    ``(A, B^T, scaling, values, row_idx, col_idx, row_ptr)``, the first six the decode kernel's.
+class KernelParts(NamedTuple):
+    """One adapter's fp32 tensors as numpy arrays for the CPU kernels (see :func:`_numpy_parts`)."""
+
+    A: np.ndarray  # [r, in] (r = 0: no low-rank part)
+    Bt: np.ndarray  # B^T [r, out]
+    scaling: float
+    values: np.ndarray  # [nnz] (empty: no sparse part)
+    row_idx: np.ndarray  # int32 [nnz]
+    col_idx: np.ndarray  # int32 [nnz]
+    row_ptr: np.ndarray  # int32 [out + 1]
+
+    def decode_args(self) -> tuple:
+        """The arguments of ``add_correction_`` after ``x`` and ``y``."""
+        return self.A, self.Bt, self.scaling, self.values, self.row_idx, self.col_idx
+
+
+def _numpy_parts(layer: SparseLowRankLinear, name: str) -> KernelParts | None:
+    """Adapter ``name``'s fp32 tensors as the CPU kernels' arguments (cached per layer; None: not fp32).
 
     ``A``, the values and the support are numpy views sharing memory with the parameters, so in-place updates
     show through; ``B`` goes in transposed (``[r, out]``: the kernel's axpy rows), a copy rebuilt when ``B``'s
@@ -344,13 +360,14 @@ def _numpy_parts(layer: SparseLowRankLinear, name: str) -> tuple | None:
         v = values.detach().numpy()
         row_idx, col_idx = s.row_idx.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
         row_ptr = s.row_ptr.to(torch.int32).numpy()
-    parts = (a, bt, float(layer.scaling.get(name, 1.0)), v, row_idx, col_idx, row_ptr)
+    parts = KernelParts(a, bt, float(layer.scaling.get(name, 1.0)), v, row_idx, col_idx, row_ptr)
     layer._numpy_parts[name] = (B, None if B is None else B._version, parts)
     return parts
 
 
 def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
     """``y2 [T, out] += correction of adapter name on x2 [T, in]`` (inference, no autograd)."""
+    parts = None
     if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.is_contiguous() and y2.is_contiguous():
         parts = _numpy_parts(layer, name)
         if parts is not None:
@@ -358,19 +375,16 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
                 x2, y2 = x2.detach(), y2.detach()
             if x2.shape[0] <= _KERNEL_MAX_TOKENS:
                 # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
-                kernel_module("_cpu_sparse").add_correction_(x2.numpy(), y2.numpy(), *parts[:6])
+                kernel_module("_cpu_sparse").add_correction_(x2.numpy(), y2.numpy(), *parts.decode_args())
                 return
-            # many tokens: MKL's two small GEMMs for the low-rank part, then the sparse product added in place
-            # by a compiled kernel, straight from the cached arrays (no per-call tensor -> array conversions)
-            if name in layer.lora_A:
-                y2.addmm_(x2 @ layer.lora_A[name].t(), layer.lora_B[name].t(), alpha=layer.scaling[name])
-            if name in layer.sparse_values:
-                kernel_module("_cpu_sparse").add_spmm_arrays_(x2.numpy(), y2.numpy(), parts[3], parts[6], parts[5])
-            return
-    if name in layer.lora_A:
+    if name in layer.lora_A:  # many tokens: MKL's two small GEMMs
         A, B = layer.lora_A[name].to(x2.dtype), layer.lora_B[name].to(x2.dtype)
         y2.addmm_(x2 @ A.t(), B.t(), alpha=layer.scaling[name])  # (T, r) @ (r, out)
     if name in layer.sparse_values:
+        if parts is not None:  # in place by the compiled kernel, straight from the cached arrays
+            kernel_module("_cpu_sparse").add_spmm_arrays_(x2.numpy(), y2.numpy(), parts.values, parts.row_ptr,
+                                                          parts.col_idx)  # fmt: skip
+            return
         s, values = layer.supports[name], layer.sparse_values[name].to(x2.dtype)
         if x2.device.type == "cpu" and x2.dtype == torch.float32 and y2.is_contiguous():
             # in place into the base's product: 2-3x faster than torch's CSR product plus the transposed add

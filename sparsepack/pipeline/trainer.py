@@ -153,20 +153,20 @@ class Trainer:
         if self.teacher is None:
             raise ValueError("a residual initialization needs the teacher model")
         a = self.cfg.adapter
-        with_support = self.cfg.residual_support
         start = time.perf_counter()
         for n, layer in self.layers.items():
             b = self.budgets[n]
             w_fp = self.teacher.get_submodule(n).weight.detach()
-            nnz = b.nnz if with_support else 0
+            nnz = b.nnz if self.cfg.residual_support else 0
             init = residual_init(w_fp, layer.dense_base(), b.rank, nnz, layer.scaling.get(a, 1.0))
             if init.A is not None:
                 layer.lora_A[a].data.copy_(init.A)
                 layer.lora_B[a].data.copy_(init.B)
             if init.support is not None:
                 layer.set_support(a, init.support.to(self.device), init.values.to(self.device))
+        # reported as the selection summary only when the residual fixed the support (--init residual)
         self.residual_summary = {"rule": "residual", "seconds": time.perf_counter() - start, "passes": 0,
-                                 "nnz": sum(b.nnz for b in self.budgets.values()) if with_support else 0}  # fmt: skip
+                                 "nnz": sum(b.nnz for b in self.budgets.values())}  # fmt: skip
 
     def _param_names(self) -> dict[int, str]:
         out = {}
