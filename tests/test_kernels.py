@@ -177,11 +177,12 @@ def test_sparse_ops_cpu_match_reference(case, tokens, driver, monkeypatch):
     assert_close(got, sddmm_reference(dy, x, sup.row_idx, sup.col_idx), torch.float32)
     y = torch.randn(tokens, out_f)  # the inference path adds the product into the base's output in place
     want = y + spmm_reference(x, vals, *csr)
-    kernel_module("_cpu_sparse").add_spmm_(x, y, vals, sup.row_ptr, sup.col_idx)
+    csr_np = (sup.row_ptr.numpy(), sup.col_idx.numpy())
+    kernel_module("_cpu_sparse").add_spmm_arrays_(x.numpy(), y.numpy(), vals.numpy(), *csr_np)
     assert_close(y, want, torch.float32)
     strided = torch.randn(out_f, 2 * tokens)[:, ::2].t()  # (tokens, out_f), strides (1, 2 * tokens)
     with pytest.raises(ValueError, match="C-contiguous"):  # the kernel writes 8-wide rows of y
-        kernel_module("_cpu_sparse").add_spmm_(x, strided, vals, sup.row_ptr, sup.col_idx)
+        kernel_module("_cpu_sparse").add_spmm_arrays_(x.numpy(), strided.numpy(), vals.numpy(), *csr_np)
 
 
 def test_sparse_dispatchers_are_differentiable():

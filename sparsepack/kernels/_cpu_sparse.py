@@ -10,8 +10,8 @@ is a unit-stride vector loop:
   makes every gathered column a contiguous row of T values.
 * spmm walks CSR rows in blocks of ``_ROWS`` output rows and ``_TOKENS`` tokens: ``acc[r, :] += v * xT[c, :]``,
   then writes the block back token-major (SIMD 8 x 8 transposes), so the output needs no separate transpose.
-  ``add_spmm_`` adds that block into an existing output instead (inference: the base's product, no buffer and
-  no extra pass).
+  ``add_spmm_arrays_`` adds that block into an existing output instead (inference: the base's product, no
+  buffer and no extra pass), with the input's transpose in the same compiled call.
 * spmm_t is spmm with the transposed CSR (a stable counting sort, O(nnz + in)).
 * sddmm is one dot product of two T-long rows per stored entry, parallel over entries.
 
@@ -183,25 +183,33 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
     return y.to(x.dtype)
 
 
-def add_spmm_(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-              col_idx: torch.Tensor) -> None:  # fmt: skip
-    """``y [T, out] += x [T, in] @ S^T`` in place (inference, many tokens): the product of :func:`spmm` without
-    its output buffer, cast and extra add. ``y`` C-contiguous, ``values`` in y's dtype; no autograd."""
-    if not y.is_contiguous() or y.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"add_spmm_: y must be C-contiguous fp32 or fp64, got {y.dtype} with strides {y.stride()}")
-    if x.shape[0] and y.shape[1]:
-        match_torch_threads()
-        xT = _transposed(x, y.dtype)
-        _spmm_kernel(xT, values.detach().numpy(), _int32(row_ptr), _int32(col_idx), y.detach().numpy(), _ADD_ROWS, True)
+@numba.njit(**_JIT)
+def _add_spmm_serial(x, values, row_ptr, col_idx, y, rows):  # pragma: no cover - compiled
+    # y (T, out) += x (T, in) @ S^T: the transpose and the product in one call (one dispatch, no buffer handed
+    # across the Python boundary)
+    xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)  # (in, T)
+    transpose_into(x, xT)
+    _spmm_serial(xT, values, row_ptr, col_idx, y, rows, True)
+
+
+@numba.njit(**_JIT)
+def _add_spmm_parallel(x, values, row_ptr, col_idx, y, rows):  # pragma: no cover - compiled
+    xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)  # (in, T)
+    transpose_into(x, xT)
+    _spmm_parallel(xT, values, row_ptr, col_idx, y, rows, True)
 
 
 def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: np.ndarray,
                      col_idx: np.ndarray) -> None:  # fmt: skip
-    """:func:`add_spmm_` on numpy arrays the caller keeps (fp32 ``x [T, in]`` and ``y [T, out]`` C-contiguous,
-    ``values`` fp32, int32 CSR): the inference path's call, without per-call conversions."""
+    """``y [T, out] += x [T, in] @ S^T`` in place (inference, many tokens): the product of :func:`spmm` without
+    its output buffer, cast and extra add, on numpy arrays the caller keeps (fp32 or fp64 ``x`` and ``y``
+    C-contiguous, ``values`` in their dtype, int32 CSR ``row_ptr``/``col_idx``); no per-call conversions."""
+    if not (y.flags.c_contiguous and x.flags.c_contiguous):
+        raise ValueError(f"add_spmm_arrays_: x and y must be C-contiguous, got strides {x.strides} and {y.strides}")
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
-        _spmm_kernel(_transposed_array(x), values, row_ptr, col_idx, y, _ADD_ROWS, True)
+        par = parallel("spmm", values.shape[0] * x.shape[0])
+        (_add_spmm_parallel if par else _add_spmm_serial)(x, values, row_ptr, col_idx, y, _ADD_ROWS)
 
 
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):

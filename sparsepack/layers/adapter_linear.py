@@ -248,8 +248,8 @@ class SparseLowRankLinear(nn.Module):
             return self._routed(x)
         if not self.active:
             return self.base(x)
-        if not self._needs_autograd(x) and (
-            isinstance(self.base, nn.Linear) or x.numel() <= _SPLIT_MAX_TOKENS * x.shape[-1]
+        if (not torch.is_grad_enabled() or not self._needs_autograd(x)) and (
+            x.numel() <= _SPLIT_MAX_TOKENS * x.shape[-1] or isinstance(self.base, nn.Linear)
         ):
             return self._infer_split(x)
         lowrank, sparse, extra = [], [], None
@@ -284,12 +284,22 @@ class SparseLowRankLinear(nn.Module):
         Over a GPTQ base folding is free inside the dequantization, so only decode-sized inputs (a few tokens,
         where the fold's fixed cost shows) come here.
         """
-        if isinstance(self.base, nn.Linear):  # a module call less: decode is call-bound
-            y = F.linear(x, self.base.weight, self.base.bias)  # (..., out)
+        base = self.base  # one nn.Module.__getattr__ (submodules are not plain attributes)
+        if isinstance(base, nn.Linear):  # a module call less: decode is call-bound
+            y = F.linear(x, base.weight, base.bias)  # (..., out)
         else:
-            y = self.base(x)
+            y = base(x)
         y2 = y.view(-1, self.out_features)
         x2 = x.reshape(-1, self.in_features)
+        if x2.dtype == torch.float32 and x2.device.type == "cpu" and x2.is_contiguous() and y2.is_contiguous():
+            # CPU fp32: the cached arrays, a few attribute reads and two or three kernel calls per adapter (the
+            # generic path's lookups and casts cost ~20 us a layer at 128 tokens, 2-3% of a decoder block)
+            parts = [_numpy_parts(self, name) for name in self.active]
+            if None not in parts:
+                if x2.requires_grad or y2.requires_grad:  # no_grad with a leaf input; detach() only when needed
+                    x2, y2 = x2.detach(), y2.detach()
+                _add_parts(parts, x2, y2)
+                return y
         for name in self.active:
             _add_delta(self, name, x2, y2)
         return y
@@ -324,6 +334,8 @@ class KernelParts(NamedTuple):
     A: np.ndarray  # [r, in] (r = 0: no low-rank part)
     Bt: np.ndarray  # B^T [r, out]
     scaling: float
+    A_t: torch.Tensor | None  # A^T [in, r], a view of A (None: no low-rank part)
+    Bt_t: torch.Tensor | None  # Bt as a tensor (shares its memory)
     values: np.ndarray  # [nnz] (empty: no sparse part)
     row_idx: np.ndarray  # int32 [nnz]
     col_idx: np.ndarray  # int32 [nnz]
@@ -350,8 +362,10 @@ def _numpy_parts(layer: SparseLowRankLinear, name: str) -> KernelParts | None:
     out_f, in_f = layer.out_features, layer.in_features
     if A is None:
         a, bt = np.empty((0, in_f), np.float32), np.empty((0, out_f), np.float32)
+        a_t = bt_t = None
     else:
-        a, bt = A.detach().numpy(), B.detach().t().contiguous().numpy()
+        a_t, bt_t = A.detach().t(), B.detach().t().contiguous()
+        a, bt = A.detach().numpy(), bt_t.numpy()
     if values is None:
         v, row_idx, col_idx = np.empty(0, np.float32), np.empty(0, np.int32), np.empty(0, np.int32)
         row_ptr = np.zeros(out_f + 1, np.int32)
@@ -360,36 +374,35 @@ def _numpy_parts(layer: SparseLowRankLinear, name: str) -> KernelParts | None:
         v = values.detach().numpy()
         row_idx, col_idx = s.row_idx.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
         row_ptr = s.row_ptr.to(torch.int32).numpy()
-    parts = KernelParts(a, bt, float(layer.scaling.get(name, 1.0)), v, row_idx, col_idx, row_ptr)
+    parts = KernelParts(a, bt, float(layer.scaling.get(name, 1.0)), a_t, bt_t, v, row_idx, col_idx, row_ptr)
     layer._numpy_parts[name] = (B, None if B is None else B._version, parts)
     return parts
 
 
+def _add_parts(parts: list[KernelParts], x2: torch.Tensor, y2: torch.Tensor) -> None:
+    """``y2 [T, out] += `` the corrections ``parts`` on ``x2 [T, in]`` (fp32 CPU, C-contiguous, no autograd)."""
+    cpu_sparse = kernel_module("_cpu_sparse")
+    xn, yn = x2.numpy(), y2.numpy()
+    if xn.shape[0] <= _KERNEL_MAX_TOKENS:
+        for p in parts:  # decode: one compiled call instead of five or six torch ops (their dispatch is most of it)
+            cpu_sparse.add_correction_(xn, yn, *p.decode_args())
+        return
+    for p in parts:
+        if p.A_t is not None:  # many tokens: MKL's two small GEMMs
+            y2.addmm_(x2.mm(p.A_t), p.Bt_t, alpha=p.scaling)  # (T, r) @ (r, out)
+        if p.values.shape[0]:  # in place by the compiled kernel, straight from the cached arrays
+            cpu_sparse.add_spmm_arrays_(xn, yn, p.values, p.row_ptr, p.col_idx)
+
+
 def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torch.Tensor) -> None:
-    """``y2 [T, out] += correction of adapter name on x2 [T, in]`` (inference, no autograd)."""
-    parts = None
-    if x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.is_contiguous() and y2.is_contiguous():
-        parts = _numpy_parts(layer, name)
-        if parts is not None:
-            if x2.requires_grad or y2.requires_grad:  # detach() costs as much as the view: only when needed
-                x2, y2 = x2.detach(), y2.detach()
-            if x2.shape[0] <= _KERNEL_MAX_TOKENS:
-                # decode: one compiled call instead of five or six torch ops (their dispatch is most of the cost)
-                kernel_module("_cpu_sparse").add_correction_(x2.numpy(), y2.numpy(), *parts.decode_args())
-                return
-    if name in layer.lora_A:  # many tokens: MKL's two small GEMMs
+    """``y2 [T, out] += correction of adapter name on x2 [T, in]`` (inference, no autograd; any device and
+    dtype: CPU fp32 takes :func:`_add_parts`)."""
+    if name in layer.lora_A:
         A, B = layer.lora_A[name].to(x2.dtype), layer.lora_B[name].to(x2.dtype)
         y2.addmm_(x2 @ A.t(), B.t(), alpha=layer.scaling[name])  # (T, r) @ (r, out)
     if name in layer.sparse_values:
-        if parts is not None:  # in place by the compiled kernel, straight from the cached arrays
-            kernel_module("_cpu_sparse").add_spmm_arrays_(x2.numpy(), y2.numpy(), parts.values, parts.row_ptr,
-                                                          parts.col_idx)  # fmt: skip
-            return
         s, values = layer.supports[name], layer.sparse_values[name].to(x2.dtype)
-        if x2.device.type == "cpu" and x2.dtype == torch.float32 and y2.is_contiguous():
-            # in place into the base's product: 2-3x faster than torch's CSR product plus the transposed add
-            kernel_module("_cpu_sparse").add_spmm_(x2, y2, values, s.row_ptr, s.col_idx)
-        elif x2.device.type == "cpu":  # torch's CSR matmul: ~10x less call overhead than spmm at a few tokens
+        if x2.device.type == "cpu":  # torch's CSR matmul: ~10x less call overhead than spmm at a few tokens
             y2.add_((_csr(s, values) @ x2.t()).t())  # (out, T) -> (T, out)
         else:
             from sparsepack.kernels import spmm
