@@ -318,6 +318,31 @@ def test_unfused_inference_equals_the_dense_reference(packs, base):
     torch.testing.assert_close(decode, fast, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_unfused_inference_in_other_dtypes_equals_the_dense_reference(dtype):
+    """Layers cast away from fp32 (``model.double()``, ``model.bfloat16()``) take the generic no-autograd path
+    (torch's low-rank GEMMs and CSR product): prefill- and decode-sized calls equal the dense product."""
+    from sparsepack.kernels import CSRSupport
+
+    g = torch.Generator().manual_seed(5)
+    layer = SparseLowRankLinear(torch.nn.Linear(24, 40, bias=True), 24, 40)
+    layer.add_adapter("x", AdapterModule(shape=(40, 24), alpha=6.0, A=torch.randn(3, 24, generator=g),
+                                         B=torch.randn(40, 3, generator=g)))  # fmt: skip
+    flat = torch.randperm(40 * 24, generator=g)[:50]
+    layer.set_support("x", CSRSupport.from_coo(flat // 24, flat % 24, (40, 24)), torch.randn(50, generator=g),
+                      trainable=False)  # fmt: skip
+    layer.set_active(["x"])
+    layer.to(dtype)
+    w = (layer.base.weight.double() + layer.delta_weight("x", torch.float64)).to(dtype)
+    tol = {torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
+    for tokens in (1, 9):
+        x = torch.randn(2, tokens, 24, generator=g).to(dtype)
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, F.linear(x, w, layer.base.bias), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("parts", ["both", "lowrank", "sparse"])
 def test_decode_kernel_equals_the_torch_path_and_follows_updates(parts):
     """Calls of at most 4 tokens (fp32, CPU, no autograd) add the correction in one compiled call, longer ones

@@ -402,9 +402,10 @@ def _add_delta(layer: SparseLowRankLinear, name: str, x2: torch.Tensor, y2: torc
         y2.addmm_(x2 @ A.t(), B.t(), alpha=layer.scaling[name])  # (T, r) @ (r, out)
     if name in layer.sparse_values:
         s, values = layer.supports[name], layer.sparse_values[name].to(x2.dtype)
-        if x2.device.type == "cpu":  # torch's CSR matmul: ~10x less call overhead than spmm at a few tokens
+        if x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float64):
+            # torch's CSR matmul: ~10x less call overhead than spmm at a few tokens (MKL's: fp32/fp64 only)
             y2.add_((_csr(s, values) @ x2.t()).t())  # (out, T) -> (T, out)
-        else:
+        else:  # the dispatcher computes half types in fp32
             from sparsepack.kernels import spmm
 
             y2.add_(spmm(x2, values, s.row_ptr, s.col_idx, s.shape))
