@@ -58,18 +58,24 @@ NOTES = [
     "verifies every file's sha256 (the `verify=False` row), computes unquantized tensors in fp32 on CPU (the "
     "tied 49152 x 576 embedding is upcast: 113 MB written, and its fp16 pages are touched), and the first "
     "forward loads the compiled dequant kernels from numba's cache (the load + forward column).",
-    "- Run-to-run spread of the unfused overhead (quiet machine, 1 thread, 2026-11-25 01:29-01:40, code of "
-    "this table): fp32-base prefill 1.086x, 1.156x (this table), 1.115x and 1.150x in four runs (the last two "
-    "`--parts inference --repeats 10`), mean 1.127x; fp32 decode 1.135x, 1.162x, 1.121x, 1.116x; 4-bit "
-    "prefill 1.059x, 1.126x, 1.062x, 1.097x; 4-bit decode 1.121x, 1.136x, 1.134x, 1.122x. PEFT's own "
-    "unmerged overhead moved as much (prefill 1.063-1.108x, decode 1.117-1.169x). One layer alone, 128 "
-    "tokens, min of 300 calls (`/tmp` script): 1536 x 576 base 2253 us, low-rank 103 us, sparse 114 us; "
-    "576 x 576 835 / 60 / 54 us; 192 x 576 285 / 43 / 31 us; per decoder block 1.145x the base products.",
-    "- Changed on 2026-11-25 (before this table): calls of more than 4 tokens take the low-rank `addmm` and "
-    "the compiled in-place CSR product straight from the arrays the decode path caches per adapter (no "
-    "tensor -> array conversions per call; fp32 prefill 1.161x in the 2026-11-24 21:26 run); `load_adapter` "
-    "no longer builds two dropout modules per layer nor walks the base's tensors for its device (load + "
-    "activate 0.210x / 0.175x of PEFT's time in the previous runs).",
+    "- Run-to-run spread of the unfused overhead (quiet machine, 1 thread, 2026-11-25 03:18-04:11, code of "
+    "this table, except that the first run predates a trim of `forward`'s checks): fp32-base prefill 1.097x, "
+    "1.097x, 1.097x (three `--parts inference --repeats 10` runs) and 1.118x (this table); fp32 decode 1.113x, 1.107x, 1.093x, 1.105x; 4-bit prefill 1.071x, 1.096x, 1.101x, "
+    "1.091x; 4-bit decode 1.114x, 1.107x, 1.105x, 1.108x. PEFT's own unmerged LoRA-only overhead in the same "
+    "runs: prefill 1.077-1.097x, decode 1.150-1.179x. Before this change (01:29-01:40, four runs) fp32 prefill "
+    "was 1.086-1.156x (mean 1.127x) and fp32 decode 1.116-1.162x.",
+    "- Changed on 2026-11-25 (before this table): CPU fp32 calls take one path over the per-adapter arrays "
+    "cached for the compiled kernels, with the torch views of `A^T` and `B^T` cached beside them (no "
+    "per-call dict lookups, casts or transposes: a layer's Python cost at 128 tokens went from about 34 to "
+    "25 us); the input transpose and the in-place CSR product are one compiled call; transposes walk feature "
+    "blocks outside (128 x 576: 10.8 -> 8.5 us). Earlier the same day: calls of more than 4 tokens read the "
+    "arrays the decode path caches (no tensor -> array conversions), and `load_adapter` builds one dropout "
+    "module per layer and does not walk the base's tensors for its device.",
+    "- Where the remaining prefill overhead goes, one layer alone at 128 tokens, min of 300 calls (`/tmp` "
+    "script): 1536 x 576 base 2249 us, low-rank 103 us, sparse 103 us; 576 x 1536 2230 / 113 / 118 us; "
+    "576 x 576 836 / 60 / 45 us; 192 x 576 286 / 43 / 22 us. The low-rank part is close to its flop share "
+    "(r (in + out) / (in out): 3.7-11% of the base's multiply-adds, at the GEMM's rate); the sparse product "
+    "runs at about 130 ps per multiply-add, bound by fetching each gathered 128-token row from L2.",
     "- History: `set_adapter` walked the module tree three times per switch (12.1 -> 0.55 ms); `fuse` wrote "
     "into the memory-mapped base through copy-on-write faults (1143 ms first -> about 240 ms, then the "
     "single `addmm` pass); unfused inference folded the sparse part into a transient weight copy per call "
