@@ -60,8 +60,9 @@ NOTES = [
     "forward loads the compiled dequant kernels from numba's cache (the load + forward column).",
     "- Run-to-run spread of the unfused overhead (quiet machine, 1 thread, 2026-11-25 03:18-04:11, code of "
     "this table, except that the first run predates a trim of `forward`'s checks): fp32-base prefill 1.097x, "
-    "1.097x, 1.097x (three `--parts inference --repeats 10` runs) and 1.118x (this table); fp32 decode 1.113x, 1.107x, 1.093x, 1.105x; 4-bit prefill 1.071x, 1.096x, 1.101x, "
-    "1.091x; 4-bit decode 1.114x, 1.107x, 1.105x, 1.108x. PEFT's own unmerged LoRA-only overhead in the same "
+    "1.097x, 1.097x (three `--parts inference --repeats 10` runs) and 1.118x (this table); fp32 decode "
+    "1.113x, 1.107x, 1.093x, 1.105x; 4-bit prefill 1.071x, 1.096x, 1.101x, 1.091x; 4-bit decode 1.114x, "
+    "1.107x, 1.105x, 1.108x. PEFT's own unmerged LoRA-only overhead in the same "
     "runs: prefill 1.077-1.097x, decode 1.150-1.179x. Before this change (01:29-01:40, four runs) fp32 prefill "
     "was 1.086-1.156x (mean 1.127x) and fp32 decode 1.116-1.162x.",
     "- Changed on 2026-11-25 (before this table): CPU fp32 calls take one path over the per-adapter arrays "
