@@ -67,8 +67,8 @@ NOTES = [
     "was 1.086-1.156x (mean 1.127x) and fp32 decode 1.116-1.162x.",
     "- Changed on 2026-11-25 (before this table): CPU fp32 calls take one path over the per-adapter arrays "
     "cached for the compiled kernels, with the torch views of `A^T` and `B^T` cached beside them (no "
-    "per-call dict lookups, casts or transposes: a layer's Python cost at 128 tokens went from about 34 to "
-    "25 us); the input transpose and the in-place CSR product are one compiled call; transposes walk feature "
+    "per-call dict lookups, casts or transposes: a layer's Python cost at 128 tokens went from about 37 to "
+    "27 us); the input transpose and the in-place CSR product are one compiled call; transposes walk feature "
     "blocks outside (128 x 576: 10.8 -> 8.5 us). Earlier the same day: calls of more than 4 tokens read the "
     "arrays the decode path caches (no tensor -> array conversions), and `load_adapter` builds one dropout "
     "module per layer and does not walk the base's tensors for its device.",
