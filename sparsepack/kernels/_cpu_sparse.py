@@ -153,18 +153,11 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def _transposed(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """``[T, F]`` -> contiguous ``[F, T]`` numpy array in ``dtype`` (one copy: transpose and cast fused)."""
-    if a.dtype == dtype and a.is_contiguous():
-        return _transposed_array(a.detach().numpy())
     out = np.empty((a.shape[1], a.shape[0]), dtype=np.float32 if dtype == torch.float32 else np.float64)
-    torch.from_numpy(out).copy_(a.detach().t())  # (F, T); cast fused into the copy
-    return out
-
-
-def _transposed_array(a: np.ndarray) -> np.ndarray:
-    """C-contiguous ``[T, F]`` fp32/fp64 -> contiguous ``[F, T]``: SIMD blocks, 4-5x faster than torch's
-    transposing copy."""
-    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
-    transpose_into(a, out)
+    if a.dtype == dtype and a.is_contiguous():
+        transpose_into(a.detach().numpy(), out)  # SIMD blocks: 4-5x faster than torch's transposing copy
+    else:
+        torch.from_numpy(out).copy_(a.detach().t())  # (F, T); cast fused into the copy
     return out
 
 
@@ -184,19 +177,15 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
 
 
 @numba.njit(**_JIT)
-def _add_spmm_serial(x, values, row_ptr, col_idx, y, rows):  # pragma: no cover - compiled
+def _add_spmm(x, values, row_ptr, col_idx, y, rows, par):  # pragma: no cover - compiled
     # y (T, out) += x (T, in) @ S^T: the transpose and the product in one call (one dispatch, no buffer handed
     # across the Python boundary)
     xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)  # (in, T)
     transpose_into(x, xT)
-    _spmm_serial(xT, values, row_ptr, col_idx, y, rows, True)
-
-
-@numba.njit(**_JIT)
-def _add_spmm_parallel(x, values, row_ptr, col_idx, y, rows):  # pragma: no cover - compiled
-    xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)  # (in, T)
-    transpose_into(x, xT)
-    _spmm_parallel(xT, values, row_ptr, col_idx, y, rows, True)
+    if par:
+        _spmm_parallel(xT, values, row_ptr, col_idx, y, rows, True)
+    else:
+        _spmm_serial(xT, values, row_ptr, col_idx, y, rows, True)
 
 
 def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: np.ndarray,
@@ -208,8 +197,7 @@ def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: 
         raise ValueError(f"add_spmm_arrays_: x and y must be C-contiguous, got strides {x.strides} and {y.strides}")
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
-        par = parallel("spmm", values.shape[0] * x.shape[0])
-        (_add_spmm_parallel if par else _add_spmm_serial)(x, values, row_ptr, col_idx, y, _ADD_ROWS)
+        _add_spmm(x, values, row_ptr, col_idx, y, _ADD_ROWS, parallel("spmm", values.shape[0] * x.shape[0]))
 
 
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):

@@ -248,7 +248,7 @@ class SparseLowRankLinear(nn.Module):
             return self._routed(x)
         if not self.active:
             return self.base(x)
-        if (not torch.is_grad_enabled() or not self._needs_autograd(x)) and (
+        if not self._needs_autograd(x) and (
             x.numel() <= _SPLIT_MAX_TOKENS * x.shape[-1] or isinstance(self.base, nn.Linear)
         ):
             return self._infer_split(x)
