@@ -453,12 +453,17 @@ def inspect(pack: Path, verify: bool, as_json: bool) -> None:
     type=click.IntRange(1),
     help="Use the first N windows (default: all).",
 )
+@click.option(
+    "--spread",
+    is_flag=True,
+    help="With --windows N: take N windows evenly spaced over the whole text instead of the first N.",
+)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def eval_cmd(model_or_pack: Path, source: str, adapter: str | None, seqlen: int, n_windows: int | None,
-             batch_size: int, device: str, as_json: bool) -> None:  # fmt: skip
+             spread: bool, batch_size: int, device: str, as_json: bool) -> None:  # fmt: skip
     """Perplexity of MODEL_OR_PACK over non-overlapping windows of a data SOURCE.
 
     Each window is scored alone (no context carried across windows); the result is exp of the mean token
@@ -471,9 +476,9 @@ def eval_cmd(model_or_pack: Path, source: str, adapter: str | None, seqlen: int,
 
     model = load(model_or_pack, adapter=adapter, device=device)
     tokenizer = load_tokenizer(model_or_pack)
-    windows = token_windows(tokenizer, source, seqlen, n_windows)
+    windows = token_windows(tokenizer, source, seqlen, n_windows, spread=spread)
     res = perplexity(model, windows, batch_size=batch_size, progress=sys.stderr.isatty())
-    data = {"model": str(model_or_pack), "data": source, "adapter": adapter, **res.to_dict()}
+    data = {"model": str(model_or_pack), "data": source, "adapter": adapter, "spread": spread, **res.to_dict()}
     human = (f"perplexity {res.perplexity:.4f}  (nll {res.nll:.4f} over {res.tokens} tokens, {res.windows} x "
              f"{res.seqlen}-token windows of {source}, adapter={adapter}, {res.seconds:.1f} s)")  # fmt: skip
     _emit(data, as_json, human)

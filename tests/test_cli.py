@@ -52,6 +52,21 @@ def test_eval_on_plain_hf_model_equals_transformers_loss(tmp_path, model, text_f
     assert got["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_eval_spread_scores_windows_from_the_whole_text(tmp_path, model, text_file):
+    path = save_hf(model, tmp_path / "hf")
+    result = run("eval", path, "--data", text_file, "--seqlen", 32, "--windows", 3, "--spread", "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    ids = tiny_tokenizer()(text_file.read_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    every = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    picked = every[torch.arange(3) * len(every) // 3]  # [3, 32]
+    assert len(every) >= 6  # so the spread windows differ from the first three
+    with torch.no_grad():
+        expected = torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in picked]).mean().exp().item()
+    assert got["spread"] is True and got["windows"] == 3
+    assert got["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_eval_with_adapter_changes_perplexity(tmp_path, model, text_file):
     path, _ = rtn_pack(model, tmp_path / "p", adapters={"a": random_adapter(model)})
     base = json.loads(run("eval", path, "--data", text_file, "--seqlen", 32, "--windows", 3, "--json").output)

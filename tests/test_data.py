@@ -201,6 +201,19 @@ def test_token_windows_shapes_and_content(tok, tmp_path):
     assert torch.equal(token_windows(tok, src, 32, 3), w[:3])
 
 
+def test_token_windows_spread_takes_evenly_spaced_windows_from_the_whole_stream(tok, tmp_path):
+    (tmp_path / "t.txt").write_text(_paragraphs(20))
+    src = str(tmp_path / "t.txt")
+    every = token_windows(tok, src, 16)
+    n = 4
+    assert len(every) >= 3 * n
+    spread = token_windows(tok, src, 16, n, spread=True)
+    picked = [i * len(every) // n for i in range(n)]
+    assert torch.equal(spread, every[picked])
+    assert picked[-1] >= 3 * len(every) // 4  # the last quarter of the text, not only its start
+    assert torch.equal(token_windows(tok, src, 16, spread=True), every)  # all windows: the same as plain
+
+
 def test_token_windows_warns_when_fewer_than_asked(tok, tmp_path):
     (tmp_path / "t.txt").write_text("the quick brown fox " * 20)
     src = str(tmp_path / "t.txt")

@@ -256,9 +256,9 @@ def token_stream(tokenizer, docs: Sequence[Document]) -> torch.Tensor:
 
 
 def token_windows(
-    tokenizer, source: str, seqlen: int, n_windows: int | None = None, *, min_windows: int = 1
+    tokenizer, source: str, seqlen: int, n_windows: int | None = None, *, min_windows: int = 1, spread: bool = False
 ) -> torch.Tensor:
-    """The first ``n_windows`` non-overlapping windows of a source's token stream (incomplete tail dropped).
+    """``n_windows`` non-overlapping windows of a source's token stream (incomplete tail dropped).
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -266,9 +266,11 @@ def token_windows(
         seqlen: tokens per window.
         n_windows: how many windows; None takes all. Fewer available -> all of them and a warning.
         min_windows: fewer full windows than this is an error.
+        spread: take the windows evenly spaced over the whole stream instead of the first ``n_windows``. The
+            start of a file is often its least typical text (a manual's license and table of contents).
 
     Returns:
-        int64 tensor ``[n, seqlen]``.
+        int64 tensor ``[n, seqlen]``, windows in stream order.
     """
     if seqlen < 1 or (n_windows is not None and n_windows < 1):
         raise ValueError(f"seqlen ({seqlen}) and n_windows ({n_windows}) must be positive")
@@ -285,7 +287,10 @@ def token_windows(
             f"{source}: asked for {n_windows} windows of {seqlen} tokens, using the {n} available",
             stacklevel=2,
         )
-    return stream[: n * seqlen].view(n, seqlen)
+    all_windows = stream[: available * seqlen].view(available, seqlen)  # [available, seqlen]
+    if not spread:
+        return all_windows[:n]
+    return all_windows[torch.arange(n) * available // n]  # window i*available/n, i < n: distinct, in order
 
 
 def sample_windows(tokenizer, source: str, seqlen: int, n: int, seed: int) -> torch.Tensor:
