@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import benchmarks._common as common  # noqa: E402
 
 SEQLEN = 256
-CEILING = "fp32 + LoRA"  # label prefix of the reference row
+CEILING = "fp32 + LoRA r=18 (ceiling)"  # label prefix of the reference row
 
 
 def _seed(flags: list[str] | None) -> int | None:
