@@ -13,7 +13,7 @@ step 0 (no training):
 Besides perplexity, each mode reports the input-weighted residual error ``sum ||(R - correction) diag(d)||^2``
 relative to the uncorrected ``sum ||R diag(d)||^2`` (a proxy for the layer-output error).
 
-    python benchmarks/residual_init.py --json out/residual_init.json --pack out/q-clip/smollm2-w4g64
+    python benchmarks/residual_init.py --json out/residual_init.json --pack out/q-clip/smollm2-w4g64 [--wide]
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ def main() -> None:
     ap.add_argument("--pack", default="out/q-clip/smollm2-w4g64", help="4-bit pack of the sample")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wide", action="store_true",
+                    help="score on every pydoc@eval window and 64 windows spread over the coreutils manual "
+                         "(benchmarks/quality_eval.py's set) instead of the first 16 pydoc@eval windows")  # fmt: skip
     args = ap.parse_args()
 
     import torch
 
-    from benchmarks._common import sample_model
+    from benchmarks._common import info_text, sample_model
     from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
     from sparsepack.methods.allocation import uniform
     from sparsepack.methods.masks import topk_support
@@ -52,7 +55,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir = str(sample_model())
     tok = load_tokenizer(args.pack)
-    eval_windows = token_windows(tok, "stdlib:pydoc@eval", 256, 16)  # the quality table's windows
+    if args.wide:
+        texts = {"pydoc": token_windows(tok, "stdlib:pydoc@eval", 256)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        info = info_text(args.json.parent / "coreutils.txt")
+        if info:
+            texts["coreutils"] = token_windows(tok, str(info), 256, 64, spread=True)
+    else:
+        texts = {"pydoc": token_windows(tok, "stdlib:pydoc@eval", 256, 16)}  # the quality table's windows
     calib = sample_windows(tok, "stdlib:pydoc@train", 256, 32, 0)
     teacher = load(model_dir, dtype=torch.float32).eval()
     model = load(args.pack, dtype=torch.float32).eval()
@@ -76,8 +86,10 @@ def main() -> None:
     rms = {n: (sq[n] / calib.numel()).sqrt().float().clamp_min(1e-6) for n in names}  # (in,)
 
     def ppl(m):
+        """One perplexity (the first 16 pydoc windows), or {text: perplexity} with --wide."""
         with torch.no_grad():
-            return perplexity(m, eval_windows, progress=False).perplexity
+            got = {k: perplexity(m, w, progress=False).perplexity for k, w in texts.items()}
+        return got if args.wide else got["pydoc"]
 
     res = {"pack": args.pack, "teacher": model_dir, "fp32": ppl(teacher), "modes": {}}
     layers = {n: wrap(model, n) for n in names}
