@@ -75,7 +75,10 @@ def markdown(rows: list[dict], keys: list[str], cmd: str, texts: dict, meta: dic
     lines = [f"`{cmd}`", "", "| run | seed | " + " | ".join(f"ppl {k}" for k in keys)
              + " | vs fp32 + LoRA, same seed (" + " / ".join(keys) + ") | first-16-window figures (" + " / ".join(keys)
              + ") |", "|---|---|" + "---|" * (len(keys) + 2)]  # fmt: skip
-    for r in rows:
+    first = {}  # label -> first position: rows grouped by label, seeds in order
+    for i, r in enumerate(rows):
+        first.setdefault(r["label"], i)
+    for r in sorted(rows, key=lambda r: (first[r["label"]], r["seed"] or 0)):
         seed = r["seed"]
         ref = ceil.get((seed, r["steps"])) if r["adapter"] else None
         vs = " / ".join(f"{r[f'ppl_{k}'] / ref[f'ppl_{k}'] - 1:+.1%}" for k in keys) if ref else "-"
