@@ -286,7 +286,10 @@ def speed_markdown(res: dict, meta: dict, cmd: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ quality
 
-Q_SEQLEN, Q_EVAL_SEQLEN, Q_EVAL_WINDOWS = 128, 256, 16
+Q_SEQLEN, Q_EVAL_SEQLEN = 128, 256
+# windows scored per text: None = all (pydoc@eval has 46); N = N windows spread over the text (``eval --spread``).
+# Tables before 2026-11-25 used the first 16 windows of each; benchmarks/quality_eval.py re-scored their runs.
+Q_EVAL_WINDOWS = {"pydoc": None, "coreutils": 64}
 Q_RANK_LORA = 18  # LoRA rank whose parameter count matches RoSA r=16 d=0.6% on SmolLM2-135M (within 0.5%)
 
 
@@ -346,8 +349,10 @@ def _quality_one(i: int, run: dict, work: Path, log_dir: Path, threads: int, tex
         target, adapter = str(out), "q"
         row.update({"train_s": ft.wall_s, "train_peak_rss_mb": ft.peak_rss_mb, "summary": ft.result})
     for key, source in texts.items():
-        cmd = ["eval", target, "--data", source, "--seqlen", str(Q_EVAL_SEQLEN), "--windows", str(Q_EVAL_WINDOWS),
-               "--json"] + (["--adapter", adapter] if adapter else [])  # fmt: skip
+        n = Q_EVAL_WINDOWS[key]
+        cmd = ["eval", target, "--data", source, "--seqlen", str(Q_EVAL_SEQLEN), "--json",
+               *(["--windows", str(n), "--spread"] if n else []),
+               *(["--adapter", adapter] if adapter else [])]  # fmt: skip
         ev = run_timed(sparsepack_cmd(*cmd), log_dir / f"q{i}-eval-{key}.log", env=env)
         row[f"ppl_{key}"] = ev.result["perplexity"]
         row[f"tokens_{key}"] = ev.result["tokens"]
@@ -396,8 +401,9 @@ def quality_markdown(res: dict, meta: dict, cmd: str) -> str:
               f"schedule, seed 0. RoSA: the first {warm} steps are its low-rank warm-up, then support selection over "
               "8 samples (extra forward/backward passes, not optimizer steps); the residual-init runs take the support "
               f"from `W_fp - W_q` and train jointly from step 0. LoRA r={Q_RANK_LORA} matches RoSA r=16 d=0.6% in "
-              f"trainable parameters. Perplexity over the first {Q_EVAL_WINDOWS} windows of {Q_EVAL_SEQLEN} tokens of "
-              + ", ".join(f"`{v}`" if k == "pydoc" else "the coreutils info manual" for k, v in texts.items())
+              f"trainable parameters. Perplexity over {Q_EVAL_SEQLEN}-token windows: "
+              + ", ".join((f"all of `{v}`" if k == "pydoc" else f"{Q_EVAL_WINDOWS[k]} spread over the coreutils manual")
+                          for k, v in texts.items())
               + f". Runs went in parallel, 1 thread each; load average {res['load']['load1_min']}-"
               f"{res['load']['load1_max']}; {meta['time']}."]  # fmt: skip
     return "\n".join(lines)
