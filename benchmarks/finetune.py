@@ -376,7 +376,8 @@ def run_quality(args, log_dir: Path, model_dir: str) -> dict:
     # perplexities do not depend on the machine's load: runs go in parallel (1 thread each) to fit the time
     with LoadMonitor() as load, ThreadPoolExecutor(args.q_parallel) as pool:
         rows = list(pool.map(lambda ir: _quality_one(ir[0], ir[1], work, log_dir, 1, texts), enumerate(runs)))
-    return {"rows": rows, "texts": texts, "steps": args.q_steps, "warmup": args.q_warmup, "load": load.summary()}
+    return {"rows": rows, "texts": texts, "steps": args.q_steps, "warmup": args.q_warmup, "seed": args.q_seed,
+            "load": load.summary()}
 
 
 def quality_markdown(res: dict, meta: dict, cmd: str) -> str:
@@ -398,7 +399,8 @@ def quality_markdown(res: dict, meta: dict, cmd: str) -> str:
     tokens = (steps + warm) * BATCH * Q_SEQLEN
     lines += ["", f"Every trained run: {steps + warm} optimizer steps of one {BATCH} x {Q_SEQLEN}-token micro-batch "
               f"({tokens:,} training tokens of `stdlib:pydoc@train`), lr 1e-3 (A, B) / 4e-4 (sparse), cosine "
-              f"schedule, seed 0. RoSA: the first {warm} steps are its low-rank warm-up, then support selection over "
+              f"schedule, seed {res.get('seed', 0)}. RoSA: the first {warm} steps are its low-rank warm-up, then "
+              "support selection over "
               "8 samples (extra forward/backward passes, not optimizer steps); the residual-init runs take the support "
               f"from `W_fp - W_q` and train jointly from step 0. LoRA r={Q_RANK_LORA} matches RoSA r=16 d=0.6% in "
               f"trainable parameters. Perplexity over {Q_EVAL_SEQLEN}-token windows: "
