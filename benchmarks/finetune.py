@@ -334,6 +334,10 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
                                  "--dropout", "0", "--warmup-steps", str(warmup), "--mask-samples", "8",
                                  "--steps", str(steps)]},
         {"label": f"fp32 + LoRA r={Q_RANK_LORA}, --dropout 0", "base": model_dir, "train": [*lora, "--dropout", "0"]},
+        # the low-rank start fitted to each layer's output error on the teacher's inputs instead of in Frobenius norm
+        {"label": "4-bit + RoSA whitened residual init (--init residual-whitened --kl-weight 0)", "base": pack,
+         "train": [*rosa, "--teacher", model_dir, "--init", "residual-whitened", "--kl-weight", "0",
+                   "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
     ]  # fmt: skip
 
 

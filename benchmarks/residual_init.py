@@ -8,7 +8,11 @@ step 0 (no training):
 - ``sparse-only``: that S alone (A/B zero);
 - ``residual-lowrank``: ``--init residual-lowrank`` at step 0: A/B from an SVD of the whole R, S zero;
 - ``activation-weighted``: S and A/B as ``residual``, but fitted to ``R diag(d)`` with ``d_j`` the RMS of
-  input feature ``j`` on calibration windows (then unscaled), i.e. weighted by what each column feeds.
+  input feature ``j`` on calibration windows (then unscaled), i.e. weighted by what each column feeds;
+- ``lowrank-weighted``: S zero, A/B the rank-r SVD of ``R diag(d)``, unscaled (``residual-lowrank``, weighted);
+- ``residual-whitened``: ``--init residual-whitened`` at step 0: S zero, A/B the best rank-r fit of the
+  layer's output error on the calibration inputs (``methods.residual.whitened_factors``: with
+  ``X^T X + damp = L L^T``, the SVD of ``R L`` truncated to rank r, times ``L^-1``).
 
 Besides perplexity, each mode reports the input-weighted residual error ``sum ||(R - correction) diag(d)||^2``
 relative to the uncorrected ``sum ||R diag(d)||^2`` (a proxy for the layer-output error).
@@ -26,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODES = ("residual", "sparse-only", "residual-lowrank", "activation-weighted")
+MODES = ("residual", "sparse-only", "residual-lowrank", "activation-weighted", "lowrank-weighted", "residual-whitened")
 
 
 def main() -> None:
@@ -46,7 +50,7 @@ def main() -> None:
     from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
     from sparsepack.methods.allocation import uniform
     from sparsepack.methods.masks import topk_support
-    from sparsepack.methods.residual import residual_init, svd_factors
+    from sparsepack.methods.residual import residual_init, svd_factors, whitened_factors
     from sparsepack.pipeline.data import sample_windows, token_windows
     from sparsepack.pipeline.evaluate import perplexity
     from sparsepack.runtime.loader import load
@@ -69,11 +73,15 @@ def main() -> None:
     names = find_targets(model, "all-linear")
 
     sq = {}  # name -> sum over calibration tokens of x_j^2, the teacher's inputs of that linear
+    gram = {}  # name -> X^T X over the same tokens (only for residual-whitened)
+    whiten = "residual-whitened" in args.modes
 
     def hook(name):
         def f(mod, inp, out):
             x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
             sq[name] = sq.get(name, 0) + (x * x).sum(0)
+            if whiten:
+                gram[name] = gram.get(name, 0) + x.T @ x
 
         return f
 
@@ -112,6 +120,13 @@ def main() -> None:
                 rest[rows, cols] = 0.0
                 A, B, _, _ = svd_factors(rest * d, b.rank, s)
                 A = A / d
+            elif mode == "lowrank-weighted":
+                support = None
+                A, B, _, _ = svd_factors(R * d, b.rank, s)
+                A = A / d
+            elif mode == "residual-whitened":
+                support = None
+                A, B, _, _ = whitened_factors(R, gram[n], b.rank, s)
             else:
                 init = residual_init(w_fp, w_q, b.rank, 0 if mode == "residual-lowrank" else b.nnz, s)
                 A, B, support, values = init.A, init.B, init.support, init.values

@@ -159,7 +159,12 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
               help="Correction start: zero (B = 0, S = 0); residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "
                    "selection); residual-lowrank: A/B from an SVD of the whole W_fp - W_q, S at zero on the "
-                   "support the method chooses (needs --teacher); auto = residual-lowrank with --teacher, else zero.")
+                   "support the method chooses (needs --teacher); residual-whitened: as residual-lowrank, fitted "
+                   "to the layer's output error on the teacher's inputs over --init-samples training examples "
+                   "instead; auto = residual-lowrank with --teacher, else zero.")
+@click.option("--init-samples", default=64, show_default=True, type=click.IntRange(1),
+              help="--init residual-whitened: training examples whose teacher inputs weight the fit (no data is "
+                   "consumed: training still starts at the first batch).")
 @click.option("--eval-data", default=None, help="Held-out SOURCE for perplexity during training.")
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")

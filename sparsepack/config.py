@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 CLIP_SEARCH_DEFAULT = 0.2  # QuantConfig.clip_search below 8 bits
-INIT_MODES = ("auto", "zero", "residual", "residual-lowrank")  # TrainConfig.init
+INIT_MODES = ("auto", "zero", "residual", "residual-lowrank", "residual-whitened")  # TrainConfig.init
 
 
 @dataclass
@@ -123,8 +123,10 @@ class TrainConfig:
     teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
     kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
     init: str = "auto"  # correction start: zero; residual (S and A/B from W_fp - W_q; needs a teacher);
-    # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); auto (residual-lowrank with
-    # a teacher, else zero: on the sample it beat both other starts, see docs/BENCHMARKS.md "Finetune")
+    # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); residual-whitened (as
+    # residual-lowrank, fitted to the output error on the teacher's inputs over init_samples examples); auto
+    # (residual-lowrank with a teacher, else zero: on the sample it beat the other starts, BENCHMARKS.md "Finetune")
+    init_samples: int = 64  # --init residual-whitened: training examples whose teacher inputs weight the fit
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
@@ -138,8 +140,8 @@ class TrainConfig:
             raise ValueError("--epochs, --batch-size, --grad-accum must be positive and --seqlen >= 2")
         if self.schedule not in ("restart", "continue"):
             raise ValueError(f"--schedule must be restart or continue, got {self.schedule!r}")
-        if self.warmup_steps < 0 or self.mask_samples < 1:
-            raise ValueError("--warmup-steps must be >= 0 and --mask-samples >= 1")
+        if self.warmup_steps < 0 or self.mask_samples < 1 or self.init_samples < 1:
+            raise ValueError("--warmup-steps must be >= 0, --mask-samples and --init-samples >= 1")
         if not 0 < self.fisher_budget <= 1:
             raise ValueError(f"fisher_budget must be in (0, 1], got {self.fisher_budget}")
         if self.init not in INIT_MODES:

@@ -73,7 +73,7 @@ def set_up_trainer(env, init):
 
     model = sparsepack.load(env / "pack")
     teacher = sparsepack.load(env / "hf")
-    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg_for(env, init=init),
+    tr = trainer_mod.Trainer(model, load_tokenizer(env / "pack"), cfg_for(env, init=init, init_samples=2),
                              [(torch.arange(8), torch.arange(8))], None, progress=False, teacher=teacher)  # fmt: skip
     tr.setup()
     return tr, teacher
@@ -108,6 +108,57 @@ def test_residual_lowrank_init_fits_the_whole_residual_and_leaves_the_support_to
     assert res.summary["selection"]["passes"] > 0  # gradient passes, where a residual support takes none
     t = adapter_tensors(tmp_path / "o")
     assert any(k.endswith("values") for k in t) and all(v.abs().sum() > 0 for k, v in t.items() if k.endswith("values"))
+
+
+def test_whitened_factors_reach_the_weighted_optimum_and_beat_the_plain_svd_on_the_inputs():
+    from sparsepack.methods.residual import svd_factors, whitened_factors
+
+    gen = torch.Generator().manual_seed(3)
+    delta = torch.randn(24, 32, generator=gen, dtype=torch.float64)
+    # inputs that mostly live in a few directions, as a transformer's do
+    scales = torch.logspace(0, -2, 32, dtype=torch.float64)
+    X = torch.randn(200, 32, generator=gen, dtype=torch.float64) * scales
+    gram, rank, scaling, damp = X.T @ X, 4, 2.0, 0.01
+    A, B, err2, total2 = whitened_factors(delta, gram, rank, scaling, damp)
+    H = gram + damp * gram.diagonal().mean() * torch.eye(32, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(H)
+    root = evecs @ torch.diag(evals.sqrt()) @ evecs.T  # H^(1/2): any square root has the same singular values
+    sigma = torch.linalg.svdvals(delta @ root)
+    C = scaling * B.double() @ A.double()
+    got2 = float(torch.linalg.norm((delta - C) @ root) ** 2)
+    assert got2 == pytest.approx(float((sigma[rank:] ** 2).sum()), rel=1e-4)  # Eckart-Young in the weighted norm
+    assert err2 == pytest.approx(got2, rel=1e-4) and total2 == pytest.approx(float((sigma**2).sum()), rel=1e-6)
+    Ap, Bp, _, _ = svd_factors(delta, rank, scaling)
+    plain = scaling * Bp.double() @ Ap.double()
+    assert torch.linalg.norm((delta - C) @ X.T) < 0.9 * torch.linalg.norm((delta - plain) @ X.T)
+    with pytest.raises(ValueError, match="does not match 32 input features"):
+        whitened_factors(delta, gram[:8, :8], rank)
+
+
+def test_residual_whitened_init_fits_each_layers_output_error_on_the_teachers_inputs(env):
+    from sparsepack.methods.residual import svd_factors, whitened_factors
+
+    tr, teacher = set_up_trainer(env, "residual-whitened")
+    assert [p.name for p in tr.phases] == ["warmup", "select", "train"]
+    assert (tr.batcher.cursor.epoch, tr.batcher.cursor.position) == (0, 0)  # calibration consumed no data
+    xs = {}
+    handles = [teacher.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: xs.__setitem__(n, a[0].detach().double().reshape(-1, a[0].shape[-1]))) for n in tr.layers]
+    with torch.no_grad():
+        teacher(input_ids=torch.arange(8)[None].repeat(2, 1))  # the one example, twice: one batch of init_samples
+    for h in handles:
+        h.remove()
+    for n, layer in tr.layers.items():
+        assert "a1" not in layer.supports, n
+        R = teacher.get_submodule(n).weight.detach() - layer.dense_base()
+        A, B, _, _ = whitened_factors(R, xs[n].T @ xs[n], tr.budgets[n].rank, layer.scaling["a1"])
+        torch.testing.assert_close(layer.lora_A["a1"].data, A, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.lora_B["a1"].data, B, rtol=1e-4, atol=1e-5)
+        # on those inputs it leaves less output error than the plain SVD of the residual
+        Ap, Bp, _, _ = svd_factors(R, tr.budgets[n].rank, layer.scaling["a1"])
+        s = layer.scaling["a1"]
+        whitened = torch.linalg.norm((R - layer.delta_weight("a1")).double() @ xs[n].T)
+        assert whitened < torch.linalg.norm((R - s * Bp @ Ap).double() @ xs[n].T), n
 
 
 def test_kl_loss_equals_direct_computation():
@@ -166,7 +217,7 @@ def test_teacher_must_match_the_pack(env, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("init", ["residual", "zero", "auto"])  # auto with a teacher: residual-lowrank
+@pytest.mark.parametrize("init", ["residual", "zero", "auto", "residual-whitened"])  # auto: residual-lowrank
 def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init):
     cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7)
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)

@@ -10,6 +10,7 @@ record, a path out of the directory, wrong shapes) must fail. Longer runs:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -165,6 +166,13 @@ def test_settings_differing_from_the_command_line_are_named(ck):
     _edit_state(root / "step-0000006", config={**meta["config"], "rank": 8, "device": "cuda"})
     with pytest.raises(errors.CheckpointMismatchError, match=r"state.json: .*these differ: \['rank'\]"):
         trainer.restore(root / "step-0000006")
+    # a setting added after the checkpoint was written counts as its default; set otherwise, it is named
+    older = {k: v for k, v in meta["config"].items() if k != "init_samples"}
+    _edit_state(root / "step-0000006", config=older)
+    ckpt.check_settings(root / "step-0000006", {"config": older}, trainer.cfg.to_dict())
+    changed = dataclasses.replace(trainer.cfg, init_samples=7).to_dict()
+    with pytest.raises(errors.CheckpointMismatchError, match=r"these differ: \['init_samples'\]"):
+        ckpt.check_settings(root / "step-0000006", {"config": older}, changed)
 
 
 @pytest.mark.parametrize("pointer", ["../outside", "step-0000009", "", ".lock"])

@@ -19,6 +19,7 @@ shape, indices out of range, or settings differing from the resuming run raise a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -247,9 +248,13 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def check_settings(path: Path, meta: dict[str, Any], settings: dict[str, Any]) -> None:
-    """Refuse to resume from ``path`` with settings other than those it was trained with."""
+    """Refuse to resume from ``path`` with settings other than those it was trained with. A setting the checkpoint
+    predates counts as its default (the behaviour of the version that wrote it)."""
+    from sparsepack.config import TrainConfig
+
     saved = meta["config"]
-    changed = sorted(k for k, v in settings.items() if saved.get(k) != v and k not in IGNORED_SETTINGS)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = sorted(k for k, v in settings.items() if saved.get(k, defaults.get(k)) != v and k not in IGNORED_SETTINGS)
     if changed:
         raise CheckpointMismatchError(f"resuming needs the same settings; these differ: {changed}",
                                       Path(path) / STATE_JSON)  # fmt: skip

@@ -154,19 +154,68 @@ class Trainer:
             raise ValueError("a residual initialization needs the teacher model")
         a = self.cfg.adapter
         start = time.perf_counter()
-        for n, layer in self.layers.items():
-            b = self.budgets[n]
-            w_fp = self.teacher.get_submodule(n).weight.detach()
-            nnz = b.nnz if self.cfg.residual_support else 0
-            init = residual_init(w_fp, layer.dense_base(), b.rank, nnz, layer.scaling.get(a, 1.0))
-            if init.A is not None:
-                layer.lora_A[a].data.copy_(init.A)
-                layer.lora_B[a].data.copy_(init.B)
-            if init.support is not None:
-                layer.set_support(a, init.support.to(self.device), init.values.to(self.device))
+        whiten = self.cfg.init == "residual-whitened"
+        groups = self._memory_groups({n: layer.in_features**2 for n, layer in self.layers.items()}) if whiten else [
+            list(self.layers)]  # fmt: skip
+        for names in groups:  # --init residual-whitened: one teacher pass per group bounds the Gram matrices
+            grams = self._teacher_grams(names) if whiten else {}
+            for n in names:
+                layer, b = self.layers[n], self.budgets[n]
+                w_fp = self.teacher.get_submodule(n).weight.detach()
+                nnz = b.nnz if self.cfg.residual_support else 0
+                init = residual_init(w_fp, layer.dense_base(), b.rank, nnz, layer.scaling.get(a, 1.0), grams.get(n))
+                if init.A is not None:
+                    layer.lora_A[a].data.copy_(init.A)
+                    layer.lora_B[a].data.copy_(init.B)
+                if init.support is not None:
+                    layer.set_support(a, init.support.to(self.device), init.values.to(self.device))
         # reported as the selection summary only when the residual fixed the support (--init residual)
         self.residual_summary = {"rule": "residual", "seconds": time.perf_counter() - start, "passes": 0,
                                  "nnz": sum(b.nnz for b in self.budgets.values())}  # fmt: skip
+
+    def _teacher_grams(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``X^T X`` (fp64, ``[in, in]``) of the teacher's inputs to each named linear over ``init_samples``
+        training examples, padding excluded. Does not consume training data (the batch cursor is restored)."""
+        grams = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, dtype=torch.float64,
+                                device=self.device) for n in names}  # fmt: skip
+        mask: list[torch.Tensor] = []
+
+        def hook(_m, args, _out, n):
+            x = args[0].detach().double() * mask[0][..., None]  # (b, L, in), pad rows zeroed
+            x = x.reshape(-1, x.shape[-1])
+            grams[n].addmm_(x.T, x)
+
+        handles = [self.teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
+                   for n in names]  # fmt: skip
+        saved_cursor = Cursor(self.batcher.cursor.epoch, self.batcher.cursor.position)
+        try:
+            seen = 0
+            with torch.no_grad():
+                while seen < self.cfg.init_samples:
+                    batch = {k: v.to(self.device) for k, v in self.batcher.next().items()}
+                    mask[:] = [batch["attention_mask"].double()]
+                    self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                    seen += batch["input_ids"].shape[0]
+        finally:
+            for h in handles:
+                h.remove()
+            self.batcher.cursor = saved_cursor
+        return grams
+
+    def _memory_groups(self, sizes: dict[str, int]) -> list[list[str]]:
+        """Consecutive layers in groups of at most ``fisher_budget`` x the adapted weights' size (one layer at
+        least): the extra memory of a streamed pass over the model."""
+        total = sum(layer.out_features * layer.in_features for layer in self.layers.values())
+        budget = max(max(sizes.values()), int(self.cfg.fisher_budget * total))
+        groups, cur, used = [], [], 0
+        for n in self.layers:
+            if cur and used + sizes[n] > budget:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(n)
+            used += sizes[n]
+        groups.append(cur)
+        return groups
 
     def _param_names(self) -> dict[int, str]:
         out = {}
@@ -269,16 +318,7 @@ class Trainer:
 
     def _select_support(self) -> dict[str, Any]:
         start = time.perf_counter()
-        sizes = {n: layer.out_features * layer.in_features for n, layer in self.layers.items()}
-        budget = max(max(sizes.values()), int(self.cfg.fisher_budget * sum(sizes.values())))
-        groups, cur, used = [], [], 0
-        for n in self.layers:
-            if cur and used + sizes[n] > budget:
-                groups.append(cur)
-                cur, used = [], 0
-            cur.append(n)
-            used += sizes[n]
-        groups.append(cur)
+        groups = self._memory_groups({n: layer.out_features * layer.in_features for n, layer in self.layers.items()})
         ctx = SupportContext(
             shapes={n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()},
             nnz={n: b.nnz for n, b in self.budgets.items()},
