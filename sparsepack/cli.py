@@ -161,7 +161,8 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
                    "selection); residual-lowrank: A/B from an SVD of the whole W_fp - W_q, S at zero on the "
                    "support the method chooses (needs --teacher); residual-whitened: as residual-lowrank, fitted "
                    "to the layer's output error on the teacher's inputs over --init-samples training examples "
-                   "instead; auto = residual-lowrank with --teacher, else zero.")
+                   "instead (on the sample: better on the training text, worse on other text); auto = "
+                   "residual-lowrank with --teacher, else zero.")
 @click.option("--init-samples", default=64, show_default=True, type=click.IntRange(1),
               help="--init residual-whitened: training examples whose teacher inputs weight the fit (no data is "
                    "consumed: training still starts at the first batch).")
