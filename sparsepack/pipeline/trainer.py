@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -178,28 +180,23 @@ class Trainer:
         training examples, padding excluded. Does not consume training data (the batch cursor is restored)."""
         grams = {n: torch.zeros(self.layers[n].in_features, self.layers[n].in_features, dtype=torch.float64,
                                 device=self.device) for n in names}  # fmt: skip
-        mask: list[torch.Tensor] = []
+        keep = {}  # "mask": the current batch's attention mask, (b, L) fp64
 
         def hook(_m, args, _out, n):
-            x = args[0].detach().double() * mask[0][..., None]  # (b, L, in), pad rows zeroed
+            x = args[0].detach().double() * keep["mask"][..., None]  # (b, L, in), pad rows zeroed
             x = x.reshape(-1, x.shape[-1])
             grams[n].addmm_(x.T, x)
 
-        handles = [self.teacher.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n))
-                   for n in names]  # fmt: skip
-        saved_cursor = Cursor(self.batcher.cursor.epoch, self.batcher.cursor.position)
+        handles = [self.teacher.get_submodule(n).register_forward_hook(partial(hook, n=n)) for n in names]
         try:
-            seen = 0
             with torch.no_grad():
-                while seen < self.cfg.init_samples:
-                    batch = {k: v.to(self.device) for k, v in self.batcher.next().items()}
-                    mask[:] = [batch["attention_mask"].double()]
+                for batch in self._borrowed_batches(self.cfg.init_samples):
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    keep["mask"] = batch["attention_mask"].double()
                     self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-                    seen += batch["input_ids"].shape[0]
         finally:
             for h in handles:
                 h.remove()
-            self.batcher.cursor = saved_cursor
         return grams
 
     def _memory_groups(self, sizes: dict[str, int]) -> list[list[str]]:
@@ -301,20 +298,28 @@ class Trainer:
                     out.register_hook(on_grad)
 
             handles.append(self.layers[n].register_forward_hook(fwd))
-        saved_cursor = Cursor(self.batcher.cursor.epoch, self.batcher.cursor.position)
         try:
-            seen = 0
-            while seen < self.cfg.mask_samples:
-                batch = self.batcher.next()
+            # every group scores the same examples: selection does not consume training data
+            for batch in self._borrowed_batches(self.cfg.mask_samples):
                 self._loss(batch).backward()
-                seen += batch["input_ids"].shape[0]
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             for h in handles:
                 h.remove()
-        # every group scores the same examples: selection does not consume training data
-        self.batcher.cursor = saved_cursor
         return {n: s.mean.float() for n, s in states.items()}
+
+    def _borrowed_batches(self, count: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The next micro-batches, covering at least ``count`` examples; the batch cursor is put back afterwards,
+        so a pass over them (support scores, the whitened init's inputs) consumes no training data."""
+        saved_cursor = Cursor(self.batcher.cursor.epoch, self.batcher.cursor.position)
+        try:
+            seen = 0
+            while seen < count:
+                batch = self.batcher.next()
+                yield batch
+                seen += batch["input_ids"].shape[0]
+        finally:
+            self.batcher.cursor = saved_cursor
 
     def _select_support(self) -> dict[str, Any]:
         start = time.perf_counter()
