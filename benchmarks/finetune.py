@@ -338,6 +338,12 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
         {"label": "4-bit + RoSA whitened residual init (--init residual-whitened --kl-weight 0)", "base": pack,
          "train": [*rosa, "--teacher", model_dir, "--init", "residual-whitened", "--kl-weight", "0",
                    "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
+        # the KL term on samples drawn from the teacher instead of the training batches (data-free distillation)
+        *({"label": f"4-bit + RoSA low-rank residual init + KL on teacher samples (--kl-data teacher --kl-weight {kl})",
+           "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
+                                   "--kl-weight", kl, "--warmup-steps", str(warmup), "--mask-samples", "8",
+                                   "--steps", str(steps)]}
+          for kl in ("1", "0.25")),
     ]  # fmt: skip
 
 

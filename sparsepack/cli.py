@@ -155,6 +155,14 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
                    "teacher logits computed without grad on the same batch; enables the residual --init modes.")
 @click.option("--kl-weight", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Weight of the KL-to-teacher term (0: the teacher only initializes).")
+@click.option("--kl-data", default=None,
+              help="Data of the KL term, instead of the training batches: a SOURCE (any --data kind), or 'teacher': "
+                   "--kl-samples sequences sampled from the teacher itself (data-free distillation: it keeps the "
+                   "correction recovering the quantization loss on general text, not only on --data). Each "
+                   "training micro-batch then adds one micro-batch of it (about twice the step time).")
+@click.option("--kl-samples", default=128, show_default=True, type=click.IntRange(1),
+              help="--kl-data teacher: sequences of --seqlen tokens sampled from the teacher (temperature 1, seeded "
+                   "by --seed), kept with the checkpoints for --resume.")
 @click.option("--init", default="auto", show_default=True, type=click.Choice(list(INIT_MODES)),
               help="Correction start: zero (B = 0, S = 0); residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "

@@ -122,6 +122,9 @@ class TrainConfig:
     device: str = "cpu"  # cpu or cuda
     teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
     kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
+    kl_data: str | None = None  # the KL term's own data: a SOURCE, or "teacher" (samples drawn from the teacher);
+    # None: the KL term reads the training batches
+    kl_samples: int = 128  # --kl-data teacher: sequences of seqlen tokens sampled from the teacher
     init: str = "auto"  # correction start: zero; residual (S and A/B from W_fp - W_q; needs a teacher);
     # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); residual-whitened (as
     # residual-lowrank, fitted to the output error on the teacher's inputs over init_samples examples); auto
@@ -150,6 +153,10 @@ class TrainConfig:
             raise ValueError(f"--init {self.init} needs --teacher (the fp model the pack was compressed from)")
         if self.kl_weight < 0:
             raise ValueError(f"--kl-weight must be >= 0, got {self.kl_weight}")
+        if self.kl_data is not None and (not self.teacher or self.kl_weight == 0):
+            raise ValueError("--kl-data feeds the KL-to-teacher term: it needs --teacher and --kl-weight > 0")
+        if self.kl_samples < 1:
+            raise ValueError(f"--kl-samples must be >= 1, got {self.kl_samples}")
 
     @property
     def residual_init(self) -> bool:

@@ -211,15 +211,20 @@ def test_teacher_must_match_the_pack(env, tmp_path):
         cfg_for(env, teacher=None, init="residual")
     with pytest.raises(ValueError, match="--init residual-lowrank needs --teacher"):
         cfg_for(env, teacher=None, init="residual-lowrank")
+    for bad in ({"teacher": None, "init": "zero"}, {"kl_weight": 0.0}):
+        with pytest.raises(ValueError, match="--kl-data feeds the KL-to-teacher term"):
+            cfg_for(env, kl_data="teacher", **bad)
     assert cfg_for(env).residual_init and not cfg_for(env, init="zero").residual_init  # auto: residual with a teacher
     assert not cfg_for(env).residual_support and cfg_for(env, init="residual").residual_support  # auto: low-rank only
     assert not cfg_for(env, teacher=None).residual_init
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("init", ["residual", "zero", "auto", "residual-whitened"])  # auto: residual-lowrank
-def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init):
-    cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7)
+@pytest.mark.parametrize(("init", "kl_data"), [("residual", None), ("zero", None), ("auto", None),  # auto: residual-lowrank
+                                               ("residual-whitened", None), ("auto", "teacher"), ("zero", "file")])
+def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init, kl_data):
+    kl = {"teacher": "teacher", "file": str(env / "c.txt"), None: None}[kl_data]
+    cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7, kl_data=kl, kl_samples=5)
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)
     expected = adapter_tensors(tmp_path / "full")
 

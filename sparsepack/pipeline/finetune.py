@@ -75,6 +75,54 @@ def load_teacher(path: str | Path, device: str) -> torch.nn.Module:
     return teacher.requires_grad_(False).eval()
 
 
+KL_SAMPLES_FILE = "kl_samples.safetensors"  # --kl-data teacher: the sampled ids, kept beside the checkpoints
+
+
+def teacher_samples(teacher: torch.nn.Module, tokenizer, n: int, seqlen: int, seed: int, batch_size: int = 16,
+                    progress: bool = True) -> torch.Tensor:  # fmt: skip
+    """``[n, seqlen]`` token ids sampled from ``teacher`` (temperature 1, no top-k/top-p), each row starting at
+    the tokenizer's BOS (EOS where there is none); EOS is held back until the row is full. Deterministic for a
+    given ``seed`` on one machine; the global RNG is left as it was."""
+    from tqdm.auto import tqdm
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("--kl-data teacher: the tokenizer has neither a BOS nor an EOS token to start samples from")
+    rows = []
+    device = next(teacher.parameters()).device
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for i in tqdm(range(0, n, batch_size), desc="sampling the teacher", unit="batch", disable=not progress):
+            ids = torch.full((min(batch_size, n - i), 1), start, dtype=torch.long, device=device)
+            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                   top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                   else start)  # fmt: skip
+            rows.append(out[:, :seqlen].cpu())
+    return torch.cat(rows)
+
+
+def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir: Path,
+                progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """The examples of the KL term's own data (``--kl-data``): a SOURCE read like ``--data``, or ``teacher``:
+    ``--kl-samples`` sequences sampled from the teacher, saved in ``ckpt_dir`` so that a resumed run reads the
+    same ones instead of sampling again."""
+    from safetensors.torch import load_file, save_file
+
+    from sparsepack.pipeline.data import completion_examples
+
+    if cfg.kl_data != "teacher":
+        return completion_examples(tokenizer, cfg.kl_data, cfg.seqlen)
+    path = ckpt_dir / KL_SAMPLES_FILE
+    ids = load_file(str(path))["input_ids"] if path.is_file() else None
+    if ids is None or tuple(ids.shape) != (cfg.kl_samples, cfg.seqlen):
+        ids = teacher_samples(teacher, tokenizer, cfg.kl_samples, cfg.seqlen, cfg.seed, progress=progress)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"input_ids": ids.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    return [(row, row.clone()) for row in ids]
+
+
 def default_checkpoint_dir(out: Path) -> Path:
     out = Path(out).absolute()
     return out.parent / f"{out.name}.ckpt"
@@ -118,13 +166,16 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
 
         teacher = load_teacher(cfg.teacher, cfg.device)
         check_teacher(model, teacher, find_targets(model, cfg.target), Path(cfg.teacher))
+    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, progress) if cfg.kl_data and teacher is not None else None
     trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows,
-                      teacher=teacher)  # fmt: skip
+                      teacher=teacher, kl_examples=kl)  # fmt: skip
     trainer.setup()
     if teacher is not None and cfg.kl_weight == 0:
         trainer.teacher = teacher = None  # only needed for the initialization: free it before training
     summary = trainer.run(resume_from)
     summary["examples"] = len(examples)
+    if kl is not None:
+        summary["kl_examples"] = len(kl)
     summary["trainable_params"] = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
 
     adapter = Adapter(

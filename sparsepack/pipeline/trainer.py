@@ -103,7 +103,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer, cfg: TrainConfig, examples, ckpt_dir: Path | None,
                  progress: bool = True, eval_windows: torch.Tensor | None = None,
-                 teacher: nn.Module | None = None) -> None:  # fmt: skip
+                 teacher: nn.Module | None = None, kl_examples=None) -> None:  # fmt: skip
         self.model = model
         self.teacher = teacher  # frozen fp model (KL term, residual init); see finetune.check_teacher
         self.cfg = cfg
@@ -114,6 +114,8 @@ class Trainer:
         self.eval_windows = eval_windows
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.batcher = Batcher(examples, cfg.batch_size, pad, cfg.seed)
+        # --kl-data: the KL term reads its own batches (own order, own cursor), one per training micro-batch
+        self.kl_batcher = Batcher(kl_examples, cfg.batch_size, pad, cfg.seed + 1) if kl_examples else None
         per_step = cfg.batch_size * cfg.grad_accum
         steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
         self.phases = plan_phases(self.preset, cfg, steps)
@@ -238,23 +240,30 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The LM loss, plus ``kl_weight * KL(teacher || student)`` on the same tokens when a teacher is set."""
+    def _loss(self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The LM loss, plus ``kl_weight * KL(teacher || student)`` when a teacher is set: on ``kl_batch``
+        (``--kl-data``) when given, else on the same tokens."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = self.model(**batch, use_cache=False)
         if self.teacher is None or self.cfg.kl_weight == 0:
             return out.loss
+        if kl_batch is not None:
+            kl_batch = {k: v.to(self.device) for k, v in kl_batch.items()}
+            s_logits = self.model(input_ids=kl_batch["input_ids"], attention_mask=kl_batch["attention_mask"],
+                                  use_cache=False).logits  # fmt: skip
+        else:
+            kl_batch, s_logits = batch, out.logits
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            t_logits = self.teacher(input_ids=kl_batch["input_ids"], attention_mask=kl_batch["attention_mask"],
                                     use_cache=False).logits  # fmt: skip
-        return out.loss + self.cfg.kl_weight * kl_to_teacher(out.logits, t_logits, batch["labels"])
+        return out.loss + self.cfg.kl_weight * kl_to_teacher(s_logits, t_logits, kl_batch["labels"])
 
     def _train_step(self, phase: Phase) -> float:
         total = 0.0
         tokens = 0
         for _ in range(self.cfg.grad_accum):
             batch = self.batcher.next()
-            loss = self._loss(batch)
+            loss = self._loss(batch, self.kl_batcher.next() if self.kl_batcher else None)
             if not torch.isfinite(loss.detach()):
                 raise TrainingDivergedError(
                     f"loss became {float(loss.detach())} at step {self.state.global_step} ({phase.name}); "
@@ -298,28 +307,35 @@ class Trainer:
                     out.register_hook(on_grad)
 
             handles.append(self.layers[n].register_forward_hook(fwd))
+        # every group scores the same examples: selection consumes no training (or --kl-data) data
+        batches = self._borrowed_batches(self.cfg.mask_samples)
+        kl_batches = self._borrowed_batches(self.cfg.mask_samples, self.kl_batcher) if self.kl_batcher else None
         try:
-            # every group scores the same examples: selection does not consume training data
-            for batch in self._borrowed_batches(self.cfg.mask_samples):
-                self._loss(batch).backward()
+            for batch in batches:
+                self._loss(batch, next(kl_batches) if kl_batches else None).backward()
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             for h in handles:
                 h.remove()
+            for g in (batches, kl_batches):
+                if g is not None:
+                    g.close()  # puts the cursor back
         return {n: s.mean.float() for n, s in states.items()}
 
-    def _borrowed_batches(self, count: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The next micro-batches, covering at least ``count`` examples; the batch cursor is put back afterwards,
-        so a pass over them (support scores, the whitened init's inputs) consumes no training data."""
-        saved_cursor = Cursor(self.batcher.cursor.epoch, self.batcher.cursor.position)
+    def _borrowed_batches(self, count: int, batcher: Batcher | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The next micro-batches of ``batcher`` (default: the training data), covering at least ``count``
+        examples; its cursor is put back when the generator finishes or is closed, so a pass over them (support
+        scores, the whitened init's inputs) consumes no data."""
+        batcher = batcher or self.batcher
+        saved_cursor = Cursor(batcher.cursor.epoch, batcher.cursor.position)
         try:
             seen = 0
             while seen < count:
-                batch = self.batcher.next()
+                batch = batcher.next()
                 yield batch
                 seen += batch["input_ids"].shape[0]
         finally:
-            self.batcher.cursor = saved_cursor
+            batcher.cursor = saved_cursor
 
     def _select_support(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -355,6 +371,8 @@ class Trainer:
         meta = {
             "phase": self.state.phase, "step": self.state.step, "global_step": self.state.global_step,
             "tokens": self.state.tokens, "cursor": [self.batcher.cursor.epoch, self.batcher.cursor.position],
+            **({"kl_cursor": [self.kl_batcher.cursor.epoch, self.kl_batcher.cursor.position]} if self.kl_batcher
+               else {}),
             "optimizer_scalars": opt_scalars, "config": self.cfg.to_dict(),
             "sparse_in_optimizer": len(self.optimizer.param_groups) > 1 or not any(
                 a in layer.lora_A for layer in self.layers.values()),
@@ -379,6 +397,8 @@ class Trainer:
         self.state.phase, self.state.step = meta["phase"], meta["step"]
         self.state.global_step, self.state.tokens = meta["global_step"], meta["tokens"]
         self.batcher.cursor = Cursor(*meta["cursor"])
+        if self.kl_batcher is not None:
+            self.kl_batcher.cursor = Cursor(*meta["kl_cursor"])
         ckpt.set_rng_state(tensors)
         if self.metrics_path is not None:  # rows after the checkpoint are logged again by this run
             ckpt.trim_metrics(self.metrics_path, self.state.global_step)
