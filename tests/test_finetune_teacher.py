@@ -202,6 +202,57 @@ def test_teacher_loss_adds_kl_to_lm_loss(env):
     torch.testing.assert_close(got, lm + 0.5 * kl)
 
 
+def test_kl_data_puts_the_kl_term_on_its_own_batches(env):
+    """--kl-data: LM loss on the training batch + weight * KL on a batch of the KL source, each from its own
+    cursor; support scoring borrows both without consuming them."""
+    from sparsepack.pipeline.data import completion_examples
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    (env / "kl.txt").write_text("\n".join(f"a different text, line {i}: {i * i}" for i in range(200)))
+    cfg = cfg_for(env, kl_weight=0.5, kl_data=str(env / "kl.txt"), dropout=0.0)
+    tok = load_tokenizer(env / "pack")
+    model, teacher = sparsepack.load(env / "pack"), sparsepack.load(env / "hf")
+    examples = completion_examples(tok, cfg.data, cfg.seqlen)
+    kl_examples = completion_examples(tok, cfg.kl_data, cfg.seqlen)
+    tr = trainer_mod.Trainer(model, tok, cfg, examples, None, progress=False, teacher=teacher,
+                             kl_examples=kl_examples)  # fmt: skip
+    tr.setup()
+    tr._build_optimizer(with_sparse=False)
+    tr._fisher_scores(list(tr.layers)[:2])  # borrows batches of both sources
+    assert (tr.batcher.cursor.position, tr.kl_batcher.cursor.position) == (0, 0)
+    batch, kl_batch = tr.batcher.next(), tr.kl_batcher.next()
+    assert not torch.equal(batch["input_ids"], kl_batch["input_ids"])
+    with torch.no_grad():
+        got = tr._loss(batch, kl_batch)
+        lm = model(**batch).loss
+        kl = kl_to_teacher(model(**kl_batch).logits, teacher(**kl_batch).logits, kl_batch["labels"])
+        same_tokens = kl_to_teacher(model(**batch).logits, teacher(**batch).logits, batch["labels"])
+    assert kl > 0 and not torch.isclose(kl, same_tokens)
+    torch.testing.assert_close(got, lm + 0.5 * kl)
+    tr.state.step = 0
+    tr._train_step(tr.phases[-1])  # one micro-batch of each source per accumulation step
+    assert (tr.batcher.cursor.position, tr.kl_batcher.cursor.position) == (4, 4)
+
+
+def test_teacher_samples_are_seeded_full_length_and_leave_the_rng_alone(env):
+    from sparsepack.pipeline.finetune import teacher_samples
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(env / "hf")
+    teacher = sparsepack.load(env / "hf")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = teacher_samples(teacher, tok, 5, 12, seed=3, batch_size=2, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = teacher_samples(teacher, tok, 5, 12, seed=3, batch_size=2, progress=False)
+    c = teacher_samples(teacher, tok, 5, 12, seed=4, batch_size=2, progress=False)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, 0] == start).all() and not (a[:, 1:] == tok.eos_token_id).any()
+    assert len({tuple(r.tolist()) for r in a}) == 5  # sampled, not greedy: the rows differ
+
+
 def test_teacher_must_match_the_pack(env, tmp_path):
     with pytest.raises(TeacherMismatchError, match="intermediate_size"):
         finetune(env / "pack", tmp_path / "o", cfg_for(env, teacher=str(env / "other")), progress=False)
@@ -268,3 +319,21 @@ def test_dropped_lowrank_matches_autograd_reference():
     torch.testing.assert_close(y, ref)
     for g, r in zip(grads, torch.autograd.grad(ref, (x, A, B), dy), strict=True):
         torch.testing.assert_close(g, r)
+
+
+def test_cli_kl_data_teacher(env, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from sparsepack.cli import main
+
+    args = ["finetune", str(env / "pack"), "--data", str(env / "c.txt"), "--rank", "2", "--density", "0.02",
+            "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--seqlen", "16",
+            "--mask-samples", "2", "--kl-data", "teacher", "--kl-samples", "3", "--json"]  # fmt: skip
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "o"), "--teacher", str(env / "hf")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output[r.output.index("{"):])["kl_examples"] == 3
+    bad = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "o2")])
+    assert bad.exit_code == 1 and "--kl-data feeds the KL-to-teacher term" in bad.output
+    assert not (tmp_path / "o2").exists()
