@@ -271,9 +271,9 @@ def test_teacher_must_match_the_pack(env, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize(("init", "kl_data"), [("residual", None), ("zero", None), ("auto", None),  # auto: residual-lowrank
+@pytest.mark.parametrize(("init", "kl_data"), [("residual", None), ("zero", None), ("auto", None),
                                                ("residual-whitened", None), ("auto", "teacher"), ("zero", "file")])
-def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init, kl_data):
+def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init, kl_data):  # auto: residual-lowrank
     kl = {"teacher": "teacher", "file": str(env / "c.txt"), None: None}[kl_data]
     cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7, kl_data=kl, kl_samples=5)
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)
