@@ -343,7 +343,7 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
            "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
                                    "--kl-weight", kl, "--warmup-steps", str(warmup), "--mask-samples", "8",
                                    "--steps", str(steps)]}
-          for kl in ("1", "0.25")),
+          for kl in ("1", "0.25", "2", "4")),
     ]  # fmt: skip
 
 
