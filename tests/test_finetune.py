@@ -148,9 +148,9 @@ def test_nan_loss_stops_with_a_clear_message(env, tmp_path, monkeypatch):
     real = trainer_mod.Trainer._loss
     calls = {"n": 0}
 
-    def nan_loss(self, batch):
+    def nan_loss(self, batch, kl_batch=None):
         calls["n"] += 1
-        loss = real(self, batch)
+        loss = real(self, batch, kl_batch)
         return loss * float("nan") if calls["n"] > 4 else loss
 
     monkeypatch.setattr(trainer_mod.Trainer, "_loss", nan_loss)
