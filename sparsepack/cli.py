@@ -152,14 +152,15 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 @click.option("--teacher", default=None, type=click.Path(exists=True, file_okay=False),
               help="The fp MODEL_DIR the pack was compressed from (same architecture and dimensions). Adds a "
                    "distillation term: loss = LM loss + --kl-weight * KL(teacher || student), per label token, "
-                   "teacher logits computed without grad on the same batch; enables the residual --init modes.")
+                   "teacher logits computed without grad (on --kl-data); enables the residual --init modes.")
 @click.option("--kl-weight", default=1.0, show_default=True, type=click.FloatRange(0),
               help="Weight of the KL-to-teacher term (0: the teacher only initializes).")
 @click.option("--kl-data", default=None,
-              help="Data of the KL term, instead of the training batches: a SOURCE (any --data kind), or 'teacher': "
-                   "--kl-samples sequences sampled from the teacher itself (data-free distillation: it keeps the "
-                   "correction recovering the quantization loss on general text, not only on --data). Each "
-                   "training micro-batch then adds one micro-batch of it (about twice the step time).")
+              help="Data of the KL term: 'teacher' (default with --teacher): --kl-samples sequences sampled from the "
+                   "teacher itself (data-free distillation: the correction keeps recovering the quantization loss on "
+                   "general text, not only on --data; each training micro-batch adds one micro-batch of them, about "
+                   "1.7x the step time); 'batch': the training batches themselves (no extra passes); or a SOURCE "
+                   "(any --data kind).")
 @click.option("--kl-samples", default=128, show_default=True, type=click.IntRange(1),
               help="--kl-data teacher: sequences of --seqlen tokens sampled from the teacher (temperature 1, seeded "
                    "by --seed), kept with the checkpoints for --resume.")

@@ -122,8 +122,9 @@ class TrainConfig:
     device: str = "cpu"  # cpu or cuda
     teacher: str | None = None  # the fp model the pack was compressed from: KL-to-teacher loss, residual init
     kl_weight: float = 1.0  # with a teacher: loss = LM loss + kl_weight * KL(teacher || student) per label token
-    kl_data: str | None = None  # the KL term's own data: a SOURCE, or "teacher" (samples drawn from the teacher);
-    # None: the KL term reads the training batches
+    kl_data: str | None = None  # the KL term's data: "teacher" (samples drawn from the teacher), "batch" (the
+    # training batches themselves) or a SOURCE; None (auto) = teacher: on the sample it gained on general text at
+    # no cost on the training text (BENCHMARKS.md "Finetune"), where the training batches traded one for the other
     kl_samples: int = 128  # --kl-data teacher: sequences of seqlen tokens sampled from the teacher
     init: str = "auto"  # correction start: zero; residual (S and A/B from W_fp - W_q; needs a teacher);
     # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); residual-whitened (as
@@ -153,7 +154,7 @@ class TrainConfig:
             raise ValueError(f"--init {self.init} needs --teacher (the fp model the pack was compressed from)")
         if self.kl_weight < 0:
             raise ValueError(f"--kl-weight must be >= 0, got {self.kl_weight}")
-        if self.kl_data is not None and (not self.teacher or self.kl_weight == 0):
+        if self.kl_data not in (None, "batch") and (not self.teacher or self.kl_weight == 0):  # would go unused
             raise ValueError("--kl-data feeds the KL-to-teacher term: it needs --teacher and --kl-weight > 0")
         if self.kl_samples < 1:
             raise ValueError(f"--kl-samples must be >= 1, got {self.kl_samples}")
@@ -168,6 +169,13 @@ class TrainConfig:
         """The residual initialization also fixes the sparse support (and skips warm-up and selection): only
         ``--init residual``; ``residual-lowrank`` and ``auto`` leave the support to the method's rule."""
         return self.init == "residual"
+
+    @property
+    def kl_source(self) -> str | None:
+        """Where the KL term's batches come from: ``teacher``, a SOURCE, or None (the training batches, or no KL)."""
+        if not self.teacher or self.kl_weight == 0 or self.kl_data == "batch":
+            return None
+        return self.kl_data or "teacher"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -268,13 +268,17 @@ def test_teacher_must_match_the_pack(env, tmp_path):
     assert cfg_for(env).residual_init and not cfg_for(env, init="zero").residual_init  # auto: residual with a teacher
     assert not cfg_for(env).residual_support and cfg_for(env, init="residual").residual_support  # auto: low-rank only
     assert not cfg_for(env, teacher=None).residual_init
+    # the KL term's data: teacher samples unless asked otherwise; none without a teacher or a weight
+    assert cfg_for(env).kl_source == "teacher" and cfg_for(env, kl_data="batch").kl_source is None
+    assert cfg_for(env, kl_data="x.txt").kl_source == "x.txt"
+    assert cfg_for(env, teacher=None, init="zero").kl_source is None and cfg_for(env, kl_weight=0).kl_source is None
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize(("init", "kl_data"), [("residual", None), ("zero", None), ("auto", None),
-                                               ("residual-whitened", None), ("auto", "teacher"), ("zero", "file")])
+@pytest.mark.parametrize(("init", "kl_data"), [("residual", "batch"), ("zero", "batch"), ("auto", None),
+                                               ("residual-whitened", "batch"), ("auto", "teacher"), ("zero", "file")])
 def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init, kl_data):  # auto: residual-lowrank
-    kl = {"teacher": "teacher", "file": str(env / "c.txt"), None: None}[kl_data]
+    kl = {"file": str(env / "c.txt")}.get(kl_data, kl_data)  # None: auto (teacher samples)
     cfg = cfg_for(env, steps=4, save_every=2, init=init, kl_weight=0.7, kl_data=kl, kl_samples=5)
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)
     expected = adapter_tensors(tmp_path / "full")

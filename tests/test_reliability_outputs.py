@@ -173,6 +173,11 @@ def test_settings_differing_from_the_command_line_are_named(ck):
     changed = dataclasses.replace(trainer.cfg, init_samples=7).to_dict()
     with pytest.raises(errors.CheckpointMismatchError, match=r"these differ: \['init_samples'\]"):
         ckpt.check_settings(root / "step-0000006", {"config": older}, changed)
+    # ... unless it behaved otherwise then: before --kl-data the KL term read the training batches
+    older = {k: v for k, v in meta["config"].items() if k != "kl_data"}
+    ckpt.check_settings(root / "step-0000006", {"config": older}, {**trainer.cfg.to_dict(), "kl_data": "batch"})
+    with pytest.raises(errors.CheckpointMismatchError, match=r"these differ: \['kl_data'\]"):
+        ckpt.check_settings(root / "step-0000006", {"config": older}, {**trainer.cfg.to_dict(), "kl_data": None})
 
 
 @pytest.mark.parametrize("pointer", ["../outside", "step-0000009", "", ".lock"])

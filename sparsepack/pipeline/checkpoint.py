@@ -51,6 +51,9 @@ LOCK_FILE = ".lock"
 MAX_STATE_JSON = 64 << 20  # bytes: far above any real state.json (one scalar per trained tensor)
 _STEP_RE = re.compile(r"^step-\d{7,}$")
 IGNORED_SETTINGS = ("device", "save_every")  # may change between a run and its resume
+# settings a checkpoint predates that then behaved otherwise than today's default: the KL term read the training
+# batches before --kl-data existed
+LEGACY_SETTINGS = {"kl_data": "batch"}
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -253,7 +256,7 @@ def check_settings(path: Path, meta: dict[str, Any], settings: dict[str, Any]) -
     from sparsepack.config import TrainConfig
 
     saved = meta["config"]
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | LEGACY_SETTINGS
     changed = sorted(k for k, v in settings.items() if saved.get(k, defaults.get(k)) != v and k not in IGNORED_SETTINGS)
     if changed:
         raise CheckpointMismatchError(f"resuming needs the same settings; these differ: {changed}",

@@ -111,8 +111,8 @@ def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir:
 
     from sparsepack.pipeline.data import completion_examples
 
-    if cfg.kl_data != "teacher":
-        return completion_examples(tokenizer, cfg.kl_data, cfg.seqlen)
+    if cfg.kl_source != "teacher":
+        return completion_examples(tokenizer, cfg.kl_source, cfg.seqlen)
     path = ckpt_dir / KL_SAMPLES_FILE
     ids = load_file(str(path))["input_ids"] if path.is_file() else None
     if ids is None or tuple(ids.shape) != (cfg.kl_samples, cfg.seqlen):
@@ -166,7 +166,7 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
 
         teacher = load_teacher(cfg.teacher, cfg.device)
         check_teacher(model, teacher, find_targets(model, cfg.target), Path(cfg.teacher))
-    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, progress) if cfg.kl_data and teacher is not None else None
+    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, progress) if cfg.kl_source and teacher is not None else None
     trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows,
                       teacher=teacher, kl_examples=kl)  # fmt: skip
     trainer.setup()
