@@ -346,6 +346,10 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
                                    "--kl-weight", kl, "--warmup-steps", str(warmup), "--mask-samples", "8",
                                    "--steps", str(steps)]}
           for kl in ("1", "0.25", "2", "4")),
+        {"label": "4-bit + RoSA whitened residual init + KL on teacher samples (--init residual-whitened --kl-data "
+                  "teacher --kl-weight 1)", "base": pack,
+         "train": [*rosa, "--teacher", model_dir, "--init", "residual-whitened", "--kl-data", "teacher", "--kl-weight",
+                   "1", "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
     ]  # fmt: skip
 
 
