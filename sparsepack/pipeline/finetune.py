@@ -166,7 +166,7 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
 
         teacher = load_teacher(cfg.teacher, cfg.device)
         check_teacher(model, teacher, find_targets(model, cfg.target), Path(cfg.teacher))
-    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, progress) if cfg.kl_source and teacher is not None else None
+    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, progress) if cfg.kl_source else None  # implies a teacher
     trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows,
                       teacher=teacher, kl_examples=kl)  # fmt: skip
     trainer.setup()

@@ -103,7 +103,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, tokenizer, cfg: TrainConfig, examples, ckpt_dir: Path | None,
                  progress: bool = True, eval_windows: torch.Tensor | None = None,
-                 teacher: nn.Module | None = None, kl_examples=None) -> None:  # fmt: skip
+                 teacher: nn.Module | None = None,
+                 kl_examples: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:  # fmt: skip
         self.model = model
         self.teacher = teacher  # frozen fp model (KL term, residual init); see finetune.check_teacher
         self.cfg = cfg
