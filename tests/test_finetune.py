@@ -145,15 +145,15 @@ def test_resume_refuses_changed_settings(env, tmp_path, monkeypatch):
 
 def test_nan_loss_stops_with_a_clear_message(env, tmp_path, monkeypatch):
     cfg = small(env, method="lora", steps=4, save_every=1)
-    real = trainer_mod.Trainer._loss
+    real = trainer_mod.Trainer._loss_terms
     calls = {"n": 0}
 
-    def nan_loss(self, batch, kl_batch=None):
+    def nan_terms(self, batch, kl_batch=None):
         calls["n"] += 1
-        loss = real(self, batch, kl_batch)
-        return loss * float("nan") if calls["n"] > 4 else loss
+        for term in real(self, batch, kl_batch):
+            yield term * float("nan") if calls["n"] > 4 else term
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_loss", nan_loss)
+    monkeypatch.setattr(trainer_mod.Trainer, "_loss_terms", nan_terms)
     with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 2 .*step-0000002"):
         finetune(env / "pack", tmp_path / "o", cfg, progress=False)
     assert not (tmp_path / "o").exists()

@@ -234,6 +234,49 @@ def test_kl_data_puts_the_kl_term_on_its_own_batches(env):
     assert (tr.batcher.cursor.position, tr.kl_batcher.cursor.position) == (4, 4)
 
 
+def test_kl_data_backward_runs_term_by_term_with_the_whole_loss_gradient(env):
+    """With --kl-data the LM term's backward runs before the KL batch's forward, so the first forward's
+    activations are freed before the second's are built; the gradient equals that of the summed loss."""
+    import weakref
+
+    from sparsepack.pipeline.data import completion_examples
+    from sparsepack.runtime.tokenizer import load_tokenizer
+
+    (env / "kl2.txt").write_text("\n".join(f"another text, row {i}: {i * 7}" for i in range(200)))
+    cfg = cfg_for(env, kl_weight=0.5, kl_data=str(env / "kl2.txt"), dropout=0.0, method="lora")
+    tok = load_tokenizer(env / "pack")
+    model, teacher = sparsepack.load(env / "pack"), sparsepack.load(env / "hf")
+    examples, kl_examples = (completion_examples(tok, src, cfg.seqlen) for src in (cfg.data, cfg.kl_data))
+    tr = trainer_mod.Trainer(model, tok, cfg, examples, None, progress=False, teacher=teacher,
+                             kl_examples=kl_examples)  # fmt: skip
+    tr.setup()
+    tr._build_optimizer(with_sparse=False)
+    batch, kl_batch = tr.batcher.next(), tr.kl_batcher.next()
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+
+    tr._loss(batch, kl_batch).backward()  # both terms' graphs at once
+    want = [p.grad.clone() for p in params]
+    tr.optimizer.zero_grad(set_to_none=True)
+
+    alive = []  # weak references to each student forward's logits, taken as they are made
+    hook = model.register_forward_hook(lambda _m, _a, out: alive.append(weakref.ref(out.logits)))
+    try:
+        terms = tr._loss_terms(batch, kl_batch)
+        (next(terms) / 2).backward()
+        assert len(alive) == 1
+        kl = next(terms)
+        assert len(alive) == 2 and alive[0]() is None  # the LM forward's logits are gone before the KL term exists
+        (kl / 2).backward()
+        assert next(terms, None) is None
+    finally:
+        hook.remove()
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss = tr._backward(batch, kl_batch, 2, "test")
+    torch.testing.assert_close(loss, float(tr._loss(batch, kl_batch).detach()), rtol=1e-6, atol=0)
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad * 2, w, rtol=1e-5, atol=1e-7)
+
+
 def test_teacher_samples_are_seeded_full_length_and_leave_the_rng_alone(env):
     from sparsepack.pipeline.finetune import teacher_samples
     from sparsepack.runtime.tokenizer import load_tokenizer

@@ -241,37 +241,63 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _loss(self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The LM loss, plus ``kl_weight * KL(teacher || student)`` when a teacher is set: on ``kl_batch``
-        (``--kl-data``) when given, else on the same tokens."""
+    def _loss_terms(self, batch: dict[str, torch.Tensor],
+                    kl_batch: dict[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+        """The loss in terms whose sum is the training loss: the LM loss (plus ``kl_weight * KL(teacher ||
+        student)`` on the same tokens when a teacher is set without ``--kl-data``), then, with ``kl_batch``
+        (``--kl-data``), ``kl_weight * KL`` on that batch. Each term is built only when the next one is asked
+        for, so a caller that runs a term's backward before asking holds one forward's activations at a time."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = self.model(**batch, use_cache=False)
         if self.teacher is None or self.cfg.kl_weight == 0:
-            return out.loss
-        if kl_batch is not None:
-            kl_batch = {k: v.to(self.device) for k, v in kl_batch.items()}
-            s_logits = self.model(input_ids=kl_batch["input_ids"], attention_mask=kl_batch["attention_mask"],
-                                  use_cache=False).logits  # fmt: skip
-        else:
-            kl_batch, s_logits = batch, out.logits
+            yield out.loss
+            return
+        if kl_batch is None:
+            with torch.no_grad():
+                t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        use_cache=False).logits  # fmt: skip
+            yield out.loss + self.cfg.kl_weight * kl_to_teacher(out.logits, t_logits, batch["labels"])
+            return
+        lm = out.loss
+        del out  # its logits and graph are not needed for the second term
+        yield lm
+        del lm
+        kl_batch = {k: v.to(self.device) for k, v in kl_batch.items()}
         with torch.no_grad():
             t_logits = self.teacher(input_ids=kl_batch["input_ids"], attention_mask=kl_batch["attention_mask"],
                                     use_cache=False).logits  # fmt: skip
-        return out.loss + self.cfg.kl_weight * kl_to_teacher(s_logits, t_logits, kl_batch["labels"])
+        s_logits = self.model(input_ids=kl_batch["input_ids"], attention_mask=kl_batch["attention_mask"],
+                              use_cache=False).logits  # fmt: skip
+        yield self.cfg.kl_weight * kl_to_teacher(s_logits, t_logits, kl_batch["labels"])
+
+    def _loss(self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole loss as one tensor (all terms' graphs held at once): see ``_loss_terms``."""
+        return sum(self._loss_terms(batch, kl_batch))
+
+    def _backward(self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor] | None, divisor: int,
+                  where: str) -> float:  # fmt: skip
+        """Accumulates the gradient of ``loss / divisor``, one term's backward at a time; returns the loss.
+
+        Raises:
+            TrainingDivergedError: before the backward of a NaN or infinite term; ``where`` names the step."""
+        total = 0.0
+        for term in self._loss_terms(batch, kl_batch):
+            value = float(term.detach())
+            total += value
+            if not math.isfinite(value):
+                raise TrainingDivergedError(f"loss became {total} at {where}; last good checkpoint: "
+                                            f"{self._latest_name()}")  # fmt: skip
+            (term / divisor).backward()
+        return total
 
     def _train_step(self, phase: Phase) -> float:
         total = 0.0
         tokens = 0
         for _ in range(self.cfg.grad_accum):
             batch = self.batcher.next()
-            loss = self._loss(batch, self.kl_batcher.next() if self.kl_batcher else None)
-            if not torch.isfinite(loss.detach()):
-                raise TrainingDivergedError(
-                    f"loss became {float(loss.detach())} at step {self.state.global_step} ({phase.name}); "
-                    f"last good checkpoint: {self._latest_name()}"
-                )
-            (loss / self.cfg.grad_accum).backward()
-            total += float(loss.detach()) / self.cfg.grad_accum
+            kl_batch = self.kl_batcher.next() if self.kl_batcher else None
+            where = f"step {self.state.global_step} ({phase.name})"
+            total += self._backward(batch, kl_batch, self.cfg.grad_accum, where) / self.cfg.grad_accum
             tokens += int((batch["labels"][:, 1:] != -100).sum())
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.max_grad_norm > 0:
@@ -313,7 +339,7 @@ class Trainer:
         kl_batches = self._borrowed_batches(self.cfg.mask_samples, self.kl_batcher) if self.kl_batcher else None
         try:
             for batch in batches:
-                self._loss(batch, next(kl_batches) if kl_batches else None).backward()
+                self._backward(batch, next(kl_batches) if kl_batches else None, 1, "support selection")
                 self.optimizer.zero_grad(set_to_none=True)
         finally:
             for h in handles:
