@@ -350,6 +350,11 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
                   "teacher --kl-weight 1)", "base": pack,
          "train": [*rosa, "--teacher", model_dir, "--init", "residual-whitened", "--kl-data", "teacher", "--kl-weight",
                    "1", "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
+        # RoSA <= LoRA at equal budget, both with the defaults of --teacher (run 17 is the RoSA side)
+        {"label": f"4-bit + LoRA r={Q_RANK_LORA} low-rank residual init + KL on teacher samples (--kl-data teacher "
+                  "--kl-weight 1)", "base": pack,
+         "train": [*lora, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
+                   "--kl-weight", "1"]},
     ]  # fmt: skip
 
 
