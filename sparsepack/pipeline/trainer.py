@@ -261,7 +261,6 @@ class Trainer:
         lm = out.loss
         del out  # its logits and graph are not needed for the second term
         yield lm
-        del lm
         kl_batch = {k: v.to(self.device) for k, v in kl_batch.items()}
         with torch.no_grad():
             t_logits = self.teacher(input_ids=kl_batch["input_ids"], attention_mask=kl_batch["attention_mask"],
