@@ -34,10 +34,11 @@ def _fail_cleanly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from sparsepack.formats.errors import FormatError
+        from sparsepack.runtime.ort_ops import OrtOpsBuildError
 
         try:
             return fn(*args, **kwargs)
-        except (FormatError, ValueError, KeyError, FileNotFoundError) as e:
+        except (FormatError, ValueError, KeyError, FileNotFoundError, OrtOpsBuildError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(f"{type(e).__name__}: {msg}") from None
 
@@ -279,6 +280,10 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
 @click.option("--opset", default=None, type=click.IntRange(18), help="ONNX opset (default: the exporter's).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Float type of the graph (onnx) or of the written weights (safetensors).")
+@click.option("--adapter-op", default="standard", show_default=True, type=click.Choice(["standard", "custom"]),
+              help="onnx, unfused adapters: standard ONNX ops (any onnxruntime), or one sparsepack "
+                   "SparseLowRankDelta node per adapted layer (faster; a C library built with gcc on first use, "
+                   "registered by sparsepack's runtime; fp32 only).")
 @click.option("--lora-approx", "lora_approx", default=None, type=click.IntRange(1), metavar="RANK",
               help="peft: one LoRA of at most RANK per module from an SVD of low-rank + sparse (error reported).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
@@ -287,11 +292,15 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bool, kv_cache: bool, opset: int | None,
-           dtype: str, lora_approx: int | None, validate: bool, overwrite: bool, as_json: bool) -> None:  # fmt: skip
+           dtype: str, adapter_op: str, lora_approx: int | None, validate: bool, overwrite: bool,
+           as_json: bool) -> None:  # fmt: skip
     """Export PACK: an onnxruntime graph (GPTQ layers as MatMulNBits, validated against PyTorch), a dense merged
     safetensors checkpoint, or an adapter as a PEFT LoRA directory."""
     if fmt != "onnx":
         from sparsepack.exporters.dense import export_peft, export_safetensors
+
+        if adapter_op != "standard":
+            raise click.BadParameter("applies to --format onnx only", param_hint="--adapter-op")
 
         if len(adapters) > 1:
             raise click.BadParameter(f"--format {fmt} takes at most one --adapter", param_hint="--adapter")
@@ -312,7 +321,7 @@ def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bo
     from sparsepack.exporters.onnx import export_onnx
 
     res = export_onnx(pack, out, adapters=adapters, merge=merge, kv_cache=kv_cache, opset=opset, validate=validate,
-                      overwrite=overwrite, dtype=dtype)  # fmt: skip
+                      overwrite=overwrite, dtype=dtype, adapter_op=adapter_op)  # fmt: skip
     worst = max((v["max_abs_diff"] for k, v in res.get("validation", {}).items() if not k.endswith("tokens")),
                 default=None)  # fmt: skip
     check = "not validated" if worst is None else f"max |logit diff| vs PyTorch {worst:.2g}"

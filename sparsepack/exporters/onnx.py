@@ -29,6 +29,7 @@ from torch import nn
 from sparsepack.exporters.matmulnbits import NBitsWeight, check_layer, rewrite_linears, scope_of, to_nbits
 from sparsepack.exporters.onnx_adapters import (
     ADAPTER_DIR,
+    ADAPTER_OPS,
     SUFFIX,
     AdapterSlotLinear,
     adapter_tensors,
@@ -62,16 +63,27 @@ class UnknownAdapterError(ValueError):
 # ----------------------------------------------------------------------------------------------- request
 
 
-def check_request(pack, adapters: tuple[str, ...], merge: bool, dtype: str = "fp32") -> None:
-    """Fail before any work on names the pack lacks, merge without exactly one adapter, or layers ORT cannot run."""
+def check_request(pack, adapters: tuple[str, ...], merge: bool, dtype: str = "fp32", adapter_op: str = "standard"
+                  ) -> None:  # fmt: skip
+    """Fail before any work on names the pack lacks, merge without exactly one adapter, or layers ORT cannot run.
+
+    ``--adapter-op custom`` also needs its library: it is built here (or found built), so a missing compiler
+    fails before the export starts.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if adapter_op not in ADAPTER_OPS:
+        raise ValueError(f"--adapter-op must be one of {', '.join(ADAPTER_OPS)}, got {adapter_op!r}")
+    if adapter_op == "custom" and dtype != "fp32":
+        raise ValueError(f"--adapter-op custom runs fp32 graphs only; got --dtype {dtype}")
     for name in adapters:
         if name not in pack.adapters:
             have = ", ".join(sorted(pack.adapters)) or "none"
             raise UnknownAdapterError(f"unknown adapter {name!r} (pack has: {have})")
     if merge and len(adapters) != 1:
         raise ValueError(f"--merge folds exactly one adapter in; got {len(adapters)}")
+    if merge and adapter_op != "standard":
+        raise ValueError("--adapter-op applies to unfused adapters; --merge keeps none")
     if pack.quant is not None:
         for name in pack.quantized_modules:
             in_features = pack.tensors[f"{name}.g_idx"].shape[0]
@@ -88,7 +100,7 @@ def adapter_slots(model: nn.Module, unfused: tuple[str, ...]) -> list[tuple[str,
 
 
 def dense_standins(
-    model: nn.Module, merged: str | None, slots: list[tuple[str, int, int]] = ()
+    model: nn.Module, merged: str | None, slots: list[tuple[str, int, int]] = (), adapter_op: str = "standard"
 ) -> dict[str, NBitsWeight]:
     """Swap quantized/adapted linears for plain ``nn.Linear`` in place; returns the layers to make MatMulNBits.
 
@@ -124,7 +136,7 @@ def dense_standins(
         key = f"{name}.base" if name in slot_modules else name
         if delta is None and isinstance(base, QuantizedLinear):
             nbits[key] = to_nbits(base, name)
-        set_submodule(model, name, AdapterSlotLinear(lin) if name in slot_modules else lin)
+        set_submodule(model, name, AdapterSlotLinear(lin, adapter_op) if name in slot_modules else lin)
     return nbits
 
 
@@ -193,7 +205,7 @@ class _Wrapper(nn.Module):
 
     def _run(self, kw: dict[str, torch.Tensor]):
         for i, mod in enumerate(self._slots):
-            mod.slot = tuple(kw[n] for n in slot_names(i))
+            mod.slot = tuple(kw[n] for n in slot_names(i, mod.op))
         if not self.kv_cache:
             return self.m(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"], use_cache=False).logits
         from transformers import DynamicCache
@@ -230,11 +242,12 @@ def cache_layout(config, dtype: str = "fp32") -> dict[str, Any]:
 
 
 def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: list[tuple[str, int, int]] = (),
-                 dtype: torch.dtype = torch.float32):  # fmt: skip
+                 dtype: torch.dtype = torch.float32, adapter_op: str = "standard"):  # fmt: skip
     """``torch.onnx.export(dynamo=True)`` with dynamic batch / sequence / past length; returns a ModelProto.
 
-    ``slots`` (module, in, out) are the unfused adapter slots: five more inputs each (see ``onnx_adapters``).
-    ``dtype`` is the model's float dtype: past key/values and float adapter inputs take it too.
+    ``slots`` (module, in, out) are the unfused adapter slots: five more inputs each (see ``onnx_adapters``),
+    laid out for ``adapter_op``. ``dtype`` is the model's float dtype: past key/values and float adapter inputs
+    take it too.
     """
     from torch.export import Dim
 
@@ -259,9 +272,9 @@ def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: lis
                   "position_ids": {0: batch, 1: seq}}  # fmt: skip
         shapes.update({f"past_{k}": {0: batch, 2: past_len} for k in kv})
     for i, (_, k, n) in enumerate(slots):
-        names += slot_names(i)
-        args += [t.to(dtype) if t.is_floating_point() else t for t in sample_slot(k, n)]
-        shapes.update(slot_dynamic_shapes(i))
+        names += slot_names(i, adapter_op)
+        args += [t.to(dtype) if t.is_floating_point() else t for t in sample_slot(k, n, op=adapter_op)]
+        shapes.update(slot_dynamic_shapes(i, adapter_op))
     wrapper = make_wrapper(model, names, kv_cache, [model.get_submodule(m) for m, _, _ in slots])
     with warnings.catch_warnings():
         # one UserWarning per dynamic dim that shares its constraints with another (2 per adapted layer): noise
@@ -293,6 +306,7 @@ def export_onnx(
     validate: bool = True,
     overwrite: bool = False,
     dtype: str = "fp32",
+    adapter_op: str = "standard",
 ) -> dict[str, Any]:
     """Export a pack to ONNX for onnxruntime.
 
@@ -308,6 +322,8 @@ def export_onnx(
         overwrite: replace an existing ``out_dir``.
         dtype: ``fp32`` or ``fp16`` for the graph's weights, activations, cache and adapters (the MatMulNBits
             integers are the same either way); fp16 is validated with the fp16 rows of the tolerance table.
+        adapter_op: how unfused adapters run: ``standard`` ONNX ops (any onnxruntime), or ``custom``, one
+            ``sparsepack::SparseLowRankDelta`` node per adapted layer (built from C on first use; fp32 only).
 
     Returns:
         A summary: paths, node counts, sizes, timings and validation figures.
@@ -319,7 +335,11 @@ def export_onnx(
     adapters = tuple(adapters)
     pack_path, out_dir = Path(pack), Path(out_dir)
     info = read_pack(pack_path, verify=True, check_config=True)
-    check_request(info, adapters, merge, dtype)
+    check_request(info, adapters, merge, dtype, adapter_op)
+    if adapter_op == "custom":
+        from sparsepack.runtime.ort_ops import library_path
+
+        library_path()  # OrtOpsBuildError (no compiler, compile error) before any work
     if out_dir.exists() and not overwrite:
         raise OutputExistsError("output exists (pass --overwrite to replace it)", out_dir)
     merged = adapters[0] if merge else None
@@ -328,15 +348,16 @@ def export_onnx(
     slots = adapter_slots(model, unfused)
     np_float = np.float16 if dtype == "fp16" else np.float32
     tensors = {name: {k: v.astype(np_float) if v.dtype.kind == "f" else v
-                      for k, v in adapter_tensors(model, name, slots).items()} for name in unfused}  # fmt: skip
-    nbits = dense_standins(model, merged, slots)
+                      for k, v in adapter_tensors(model, name, slots, adapter_op).items()}
+               for name in unfused}  # fmt: skip
+    nbits = dense_standins(model, merged, slots, adapter_op)
     tied = untie_lm_head(model)
     model.to(DTYPES[dtype])
-    proto = export_graph(model, kv_cache, opset, slots, DTYPES[dtype])
+    proto = export_graph(model, kv_cache, opset, slots, DTYPES[dtype], adapter_op)
     t_export = time.perf_counter() - t0
     rewritten = rewrite_linears(proto, nbits, SCOPE_PREFIX, np_float)
     tied = tied and share_tied_embedding(proto)
-    add_defaults(proto, slots, np_float)
+    add_defaults(proto, slots, np_float, adapter_op)
     del model
     config = info.config
     meta = {
@@ -345,13 +366,14 @@ def export_onnx(
         "opset": next(o.version for o in proto.opset_import if o.domain == ""),
         "merged_adapter": merged,
         "adapters": {n: f"{ADAPTER_DIR}/{n}{SUFFIX}" for n in unfused}, "adapter_slots": [m for m, _, _ in slots],
+        "adapter_op": adapter_op,
         "quantization": info.quant,
         "matmulnbits_layers": len(rewritten), "vocab_size": config.vocab_size,
         "eos_token_id": config.eos_token_id if isinstance(config.eos_token_id, int) else None,
         "pad_token_id": config.pad_token_id,
     }  # fmt: skip
     summary: dict[str, Any] = {"out": str(out_dir),
-                               **{k: meta[k] for k in ("kv_cache", "dtype", "opset", "merged_adapter")},
+                               **{k: meta[k] for k in ("kv_cache", "dtype", "opset", "merged_adapter", "adapter_op")},
                                "matmulnbits_layers": len(rewritten), "nodes": len(proto.graph.node),
                                "tied_embedding_shared": tied}  # fmt: skip
     with staged_dir(out_dir, overwrite) as tmp:
@@ -380,7 +402,8 @@ def run_validation(export_dir: Path, pack_path: Path, adapter: str | None, meta:
     from sparsepack.runtime.loader import load
 
     model = load(pack_path, adapter=adapter)
-    session = ort.InferenceSession(str(export_dir / MODEL_FILE), session_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(export_dir / MODEL_FILE), session_options(meta.get("adapter_op")),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
     pad = meta["pad_token_id"] if isinstance(meta["pad_token_id"], int) else 0
     dtype = meta.get("dtype", "fp32")
     checks = []

@@ -21,6 +21,11 @@ rows picks between
 - one row (decode): ``x`` and ``y`` viewed 1-D, ``GatherElements`` + ``Mul`` + ``ScatterElements`` (no index
   broadcast);
 - many rows (prefill): the same on the last axis, the index vectors broadcast over the rows.
+
+``--adapter-op custom`` replaces all of that by one ``sparsepack::SparseLowRankDelta`` node per slot
+(:mod:`sparsepack.runtime.ort_ops`, a C library built on first use and registered with each session). Its slot
+inputs are PEFT's layout and CSR: ``lora_A`` ``[r_i, in]``, ``lora_B`` ``[out, r_i]`` (scaling folded in),
+``values`` ``[nnz_i]``, ``row_ptr`` int32 ``[out + 1]``, ``col_idx`` int32 ``[nnz_i]``. fp32 graphs only.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-PARTS = ("lora_A", "lora_B", "values", "rows", "cols")
+# The five slot inputs of each adapter op ("standard": ONNX ops only, COO int64; "custom": sparsepack's op, CSR int32)
+LAYOUTS = {"standard": ("lora_A", "lora_B", "values", "rows", "cols"),
+           "custom": ("lora_A", "lora_B", "values", "row_ptr", "col_idx")}  # fmt: skip
+ADAPTER_OPS = tuple(LAYOUTS)
+PARTS = LAYOUTS["standard"]
 ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 
@@ -54,74 +63,111 @@ def _sparse_rowwise(x, y, values, rows, cols):
 
 
 class AdapterSlotLinear(nn.Module):
-    """A dense stand-in base plus one adapter slot whose tensors the export wrapper sets per call (``slot``)."""
+    """A dense stand-in base plus one adapter slot whose tensors the export wrapper sets per call (``slot``).
 
-    def __init__(self, base: nn.Module) -> None:
+    ``op`` picks the graph the slot becomes: ``standard`` ONNX ops, or one ``sparsepack::SparseLowRankDelta``.
+    """
+
+    def __init__(self, base: nn.Module, op: str = "standard") -> None:
         super().__init__()
         self.base = base
-        self.slot: tuple[torch.Tensor, ...] | None = None  # (A_t, B_t, values, rows, cols) for this call
+        self.op = op
+        self.slot: tuple[torch.Tensor, ...] | None = None  # this call's slot tensors, in LAYOUTS[op] order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "custom":
+            return self.base(x) + _custom_delta(x, *self.slot)
         A_t, B_t, values, rows, cols = self.slot
         y = self.base(x) + (x @ A_t) @ B_t  # (..., r) -> (..., out)
         one_row = x.numel() // x.shape[-1] == 1
         return torch.cond(one_row, _sparse_one_row, _sparse_rowwise, (x, y, values, rows, cols))
 
 
-def slot_names(i: int) -> list[str]:
-    return [f"adapter_{i}_{p}" for p in PARTS]
+def _custom_delta(x, A, B, values, row_ptr, col_idx):
+    """The slot's correction as one ``sparsepack::SparseLowRankDelta`` node (export only: no eager maths)."""
+    from sparsepack.runtime.ort_ops import DOMAIN, OP, OP_VERSION
+
+    scale = torch.ones(1, dtype=torch.float32)  # the scaling is folded into B
+    return torch.onnx.ops.symbolic(f"{DOMAIN}::{OP}", (x, A, B, scale, values, row_ptr, col_idx), {},
+                                   dtype=x.dtype, shape=(*x.shape[:-1], B.shape[0]), version=OP_VERSION)  # fmt: skip
 
 
-def sample_slot(in_features: int, out_features: int, r: int = 6, nnz: int = 7) -> list[torch.Tensor]:
+def slot_names(i: int, op: str = "standard") -> list[str]:
+    return [f"adapter_{i}_{p}" for p in LAYOUTS[op]]
+
+
+def sample_slot(in_features: int, out_features: int, r: int = 6, nnz: int = 7, op: str = "standard"
+                ) -> list[torch.Tensor]:  # fmt: skip
     """Trace-time tensors for one slot (sizes distinct from every other dynamic axis so none is specialized)."""
     idx = torch.arange(nnz, dtype=torch.long)
+    if op == "custom":
+        row_ptr = torch.full((out_features + 1,), nnz, dtype=torch.int32)
+        row_ptr[0] = 0
+        return [torch.zeros(r, in_features), torch.zeros(out_features, r), torch.zeros(nnz), row_ptr,
+                (idx % in_features).int()]  # fmt: skip
     return [torch.zeros(in_features, r), torch.zeros(r, out_features), torch.zeros(nnz),
             idx % out_features, idx % in_features]  # fmt: skip
 
 
-def slot_dynamic_shapes(i: int) -> dict[str, dict[int, object]]:
+def slot_dynamic_shapes(i: int, op: str = "standard") -> dict[str, dict[int, object] | None]:
     from torch.export import Dim
 
     r, nnz = Dim(f"r{i}", min=1), Dim(f"nnz{i}", min=1)
-    a, b, v, rows, cols = slot_names(i)
-    return {a: {1: r}, b: {0: r}, v: {0: nnz}, rows: {0: nnz}, cols: {0: nnz}}
+    a, b, v, ix, iy = slot_names(i, op)
+    if op == "custom":  # A [r, in], B [out, r], row_ptr [out + 1] (static)
+        return {a: {0: r}, b: {1: r}, v: {0: nnz}, ix: None, iy: {0: nnz}}
+    return {a: {1: r}, b: {0: r}, v: {0: nnz}, ix: {0: nnz}, iy: {0: nnz}}
 
 
-def zero_defaults(slots: list[tuple[str, int, int]], dtype=np.float32) -> dict[str, np.ndarray]:
+def zero_defaults(slots: list[tuple[str, int, int]], dtype=np.float32, op: str = "standard") -> dict[str, np.ndarray]:
     """The size-1 all-zero default of every slot input (``slots``: (module, in, out) per slot)."""
     out = {}
     for i, (_, k, n) in enumerate(slots):
-        a, b, v, rows, cols = slot_names(i)
+        a, b, v, ix, iy = slot_names(i, op)
+        if op == "custom":  # one stored zero, at (0, 0): row_ptr = [0, 1, 1, ..., 1]
+            row_ptr = np.ones(n + 1, np.int32)
+            row_ptr[0] = 0
+            out.update({a: np.zeros((1, k), dtype), b: np.zeros((n, 1), dtype), v: np.zeros(1, dtype),
+                        ix: row_ptr, iy: np.zeros(1, np.int32)})  # fmt: skip
+            continue
         out.update({a: np.zeros((k, 1), dtype), b: np.zeros((1, n), dtype), v: np.zeros(1, dtype),
-                    rows: np.zeros(1, np.int64), cols: np.zeros(1, np.int64)})  # fmt: skip
+                    ix: np.zeros(1, np.int64), iy: np.zeros(1, np.int64)})  # fmt: skip
     return out
 
 
-def add_defaults(proto, slots: list[tuple[str, int, int]], dtype=np.float32) -> None:
+def add_defaults(proto, slots: list[tuple[str, int, int]], dtype=np.float32, op: str = "standard") -> None:
     """Give every slot input its zero initializer (an input that is also an initializer is an overridable default)."""
     from onnx import numpy_helper
 
     inputs = {i.name for i in proto.graph.input}
-    for name, arr in zero_defaults(slots, dtype).items():
+    for name, arr in zero_defaults(slots, dtype, op).items():
         if name not in inputs:
             raise ValueError(f"adapter input {name} missing from the exported graph")
         proto.graph.initializer.append(numpy_helper.from_array(arr, name))
 
 
-def adapter_tensors(model: nn.Module, name: str, slots: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
-    """Adapter ``name`` of the loaded pack as slot tensors (A, B transposed, scaling folded into B; CSR -> COO)."""
+def adapter_tensors(model: nn.Module, name: str, slots: list[tuple[str, int, int]], op: str = "standard"
+                    ) -> dict[str, np.ndarray]:  # fmt: skip
+    """Adapter ``name`` of the loaded pack as slot tensors, scaling folded into B.
+
+    ``standard``: A, B transposed, CSR -> COO int64; ``custom``: A, B as PEFT stores them, CSR int32.
+    """
     out: dict[str, np.ndarray] = {}
     for i, (module, _, _) in enumerate(slots):
         layer = model.get_submodule(module)
-        a, b, v, rows, cols = slot_names(i)
+        a, b, v, ix, iy = slot_names(i, op)
         if name in layer.lora_A:
-            out[a] = layer.lora_A[name].detach().float().t().contiguous().numpy()  # (in, r)
-            out[b] = (layer.scaling[name] * layer.lora_B[name].detach().float()).t().contiguous().numpy()  # (r, out)
+            A = layer.lora_A[name].detach().float()  # (r, in)
+            B = layer.scaling[name] * layer.lora_B[name].detach().float()  # (out, r)
+            out[a], out[b] = (A.numpy(), B.numpy()) if op == "custom" else (A.t().numpy(), B.t().numpy())
+            out[a], out[b] = np.ascontiguousarray(out[a]), np.ascontiguousarray(out[b])
         if name in layer.sparse_values:
             s = layer.supports[name]
             out[v] = layer.sparse_values[name].detach().float().numpy()
-            out[rows] = s.row_idx.long().numpy()
-            out[cols] = s.col_idx.long().numpy()
+            if op == "custom":
+                out[ix], out[iy] = s.row_ptr.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
+            else:
+                out[ix], out[iy] = s.row_idx.long().numpy(), s.col_idx.long().numpy()
     return out
 
 

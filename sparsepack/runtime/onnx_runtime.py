@@ -78,6 +78,8 @@ def read_export_metadata(root: Path) -> dict:
         path = safe_child(root, rel)
         if not path.is_file():
             raise MissingFileError(f"adapter {name!r} file is absent", path)
+    if meta.get("adapter_op", "standard") not in ("standard", "custom"):
+        raise bad("adapter_op", "'standard' or 'custom'")
     for key in ("eos_token_id", "pad_token_id", "vocab_size"):
         if meta.get(key) is not None and (type(meta[key]) is not int or not 0 <= meta[key] < 2**31):
             raise bad(key, "a non-negative integer or null")
@@ -163,12 +165,19 @@ def check_adapter_file(path: Path, inputs: dict[str, tuple[int, list[int | None]
             raise ShapeError(f"shape {shape} does not fit the graph input {dims}", path, name)
 
 
-def session_options():
-    """CPU-friendly defaults; warnings off (adapter inputs that have initializers are one, by design)."""
+def session_options(adapter_op: str | None = None):
+    """CPU-friendly defaults; warnings off (adapter inputs that have initializers are one, by design).
+
+    ``adapter_op="custom"`` (an export's ``adapter_op``) registers sparsepack's op library, building it if needed.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if adapter_op == "custom":
+        from sparsepack.runtime.ort_ops import register
+
+        register(opts)
     return opts
 
 
@@ -275,9 +284,9 @@ class OnnxModel:
         self.meta = read_export_metadata(self.path)
         model = self.path / self.meta["model"]
         self._inputs = check_graph(self.path, model)
+        options = session_options(self.meta.get("adapter_op"))  # OrtOpsBuildError: custom op library not built
         try:
-            self.session = ort.InferenceSession(str(model), session_options(),
-                                                providers=providers or ["CPUExecutionProvider"])  # fmt: skip
+            self.session = ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime's Fail/InvalidGraph/InvalidProtobuf/RuntimeException
             raise OnnxFormatError(f"onnxruntime cannot load it ({type(e).__name__}: {str(e)[:300]})", model) from None
         self.layout = self.meta["layout"]

@@ -1,0 +1,106 @@
+"""sparsepack's onnxruntime custom-op library: ``sparsepack::SparseLowRankDelta``, built from C on first use.
+
+The op computes one adapter slot's correction ``y = scale * (x A^T) B^T + x S^T`` with ``S`` in CSR, in one node
+(inputs ``x, A [r, in], B [out, r], scale, values [nnz], row_ptr [out + 1], col_idx [nnz]``; r = 0 / nnz = 0
+allowed; the CSR structure is checked on every call). The standard-op graph needs about a dozen nodes per slot
+for the same maths; see ``csrc/sp_ortops.c`` and ``benchmarks/ort_custom_op/REPORT.md`` for the kernels and the
+C API facts they rely on.
+
+The PyPI onnxruntime wheel ships no C headers, so the library declares the few API entries it uses itself and
+links against nothing but libc. It is compiled here with the system C compiler (gcc >= 12 or clang >= 15) for the
+host CPU (``-march=native``), once per source, compiler and CPU, into ``$SPARSEPACK_CACHE/ortops/<key>/`` (written
+to a temporary name and renamed into place, so concurrent first uses are safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+DOMAIN = "sparsepack"
+OP = "SparseLowRankDelta"
+OP_VERSION = 1  # the opset version of DOMAIN in exported graphs
+SOURCE = Path(__file__).with_name("csrc") / "sp_ortops.c"
+LIBRARY = "libsp_ortops.so"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
+COMPILERS = ("gcc", "cc", "clang")
+
+
+class OrtOpsBuildError(RuntimeError):
+    """The custom-op library cannot be built or loaded here (no C compiler, a compile error, not Linux/x86-64)."""
+
+
+def _compiler() -> str:
+    env = os.environ.get("CC")
+    for name in ([env] if env else []) + list(COMPILERS):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise OrtOpsBuildError(
+        "--adapter-op custom needs a C compiler to build sparsepack's onnxruntime op (tried "
+        f"{', '.join(([env] if env else []) + list(COMPILERS))}); install gcc >= 12, or export with the default "
+        "--adapter-op standard"
+    )
+
+
+def _cpu_signature() -> str:
+    """The host CPU's feature flags: ``-march=native`` code must not be reused on a CPU that lacks some of them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_key(cc: str) -> str:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:16]
+
+
+def library_path(cache_dir: str | Path | None = None) -> Path:
+    """Path of the compiled library for this host, building it first if needed.
+
+    Raises:
+        OrtOpsBuildError: not Linux, no C compiler, or the compiler failed (its output is in the message).
+    """
+    if platform.system() != "Linux":
+        raise OrtOpsBuildError(f"--adapter-op custom is built for Linux only (this is {platform.system()})")
+    if cache_dir is None:
+        from sparsepack.runtime.sample import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    cc = _compiler()
+    out_dir = Path(cache_dir) / "ortops" / _build_key(cc)
+    lib = out_dir / LIBRARY
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise OrtOpsBuildError(f"{cc} failed to build {SOURCE} (exit {res.returncode}):\n{res.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def register(session_options, cache_dir: str | Path | None = None) -> Path:
+    """Register the library with ``onnxruntime.SessionOptions`` (building it if needed); returns its path."""
+    lib = library_path(cache_dir)
+    session_options.register_custom_ops_library(str(lib))
+    return lib
