@@ -144,12 +144,13 @@ def dir_bytes(path: Path) -> int:
 
 
 def export_all(work: Path, model_dir: Path, pack: Path) -> dict[str, dict]:
-    """The five exports (reused when present: delete ``work`` to re-export)."""
+    """The six exports (reused when present: delete ``work`` to re-export)."""
     from sparsepack.exporters.onnx import export_onnx
 
     jobs = {"ort_fp32_dense": (model_dir, {}), "ort_4bit": (pack, {}),
             "ort_4bit_unfused": (pack, {"adapters": ["rosa"]}),
             "ort_4bit_custom": (pack, {"adapters": ["rosa"], "adapter_op": "custom"}),
+            "ort_4bit_custom16": (pack, {"adapters": ["rosa"], "adapter_op": "custom-fp16"}),
             "ort_4bit_merged": (pack, {"adapters": ["rosa"], "merge": True})}  # fmt: skip
     out = {}
     for name, (src, kw) in jobs.items():
@@ -227,12 +228,13 @@ def run(args) -> dict:
         "ort_4bit": OrtRunner(work / "ort_4bit"),
         "ort_4bit_unfused": OrtRunner(work / "ort_4bit_unfused", adapter="rosa"),
         "ort_4bit_custom": OrtRunner(work / "ort_4bit_custom", adapter="rosa"),
+        "ort_4bit_custom16": OrtRunner(work / "ort_4bit_custom16", adapter="rosa"),
         "ort_4bit_merged": OrtRunner(work / "ort_4bit_merged"),
     }
     refs = {"ort_fp32_dense": runners["torch_fp32_dense"], "ort_4bit": runners["sparsepack_4bit"],
             "ort_4bit_unfused": TorchRunner(sparsepack.load(rosa, adapter="rosa")),
             "ort_4bit_merged": None}  # fmt: skip
-    refs["ort_4bit_merged"] = refs["ort_4bit_custom"] = refs["ort_4bit_unfused"]
+    refs["ort_4bit_merged"] = refs["ort_4bit_custom"] = refs["ort_4bit_custom16"] = refs["ort_4bit_unfused"]
     diffs = {}
     for name, ref in refs.items():
         diffs[name] = float(np.abs(runners[name].logits(ids) - ref.logits(ids)).max())
@@ -270,6 +272,8 @@ def run(args) -> dict:
         "unfused_prefill_overhead": rows["ort_4bit_unfused"]["prefill_ms"] / base["prefill_ms"] - 1,
         "custom_decode_overhead": base["decode_tok_s"] / rows["ort_4bit_custom"]["decode_tok_s"] - 1,
         "custom_prefill_overhead": rows["ort_4bit_custom"]["prefill_ms"] / base["prefill_ms"] - 1,
+        "custom16_decode_overhead": base["decode_tok_s"] / rows["ort_4bit_custom16"]["decode_tok_s"] - 1,
+        "custom16_prefill_overhead": rows["ort_4bit_custom16"]["prefill_ms"] / base["prefill_ms"] - 1,
         "merged_decode_overhead": base["decode_tok_s"] / rows["ort_4bit_merged"]["decode_tok_s"] - 1,
         "adapter_switch_ms": result["switch"]["cached_switch_ms"],
     }
@@ -285,6 +289,7 @@ def markdown(r: dict) -> str:
         "ort_4bit": "ORT 4-bit (MatMulNBits), no adapter",
         "ort_4bit_unfused": "ORT 4-bit + RoSA unfused (active), standard ops",
         "ort_4bit_custom": "ORT 4-bit + RoSA unfused (active), `--adapter-op custom`",
+        "ort_4bit_custom16": "ORT 4-bit + RoSA unfused (active), `--adapter-op custom-fp16`",
         "ort_4bit_merged": "ORT 4-bit + RoSA merged",
     }
     lines = [
@@ -296,7 +301,8 @@ def markdown(r: dict) -> str:
         f"- ORT 4-bit decode vs PyTorch eager fp32: **{h['ort_4bit_decode_vs_torch_fp32']:.2f}x** (goal >= 2x)",
         f"- unfused adapter over the 4-bit base, `--adapter-op custom`: decode "
         f"**{100 * h['custom_decode_overhead']:+.1f}%** (goal <= 15%), "
-        f"prefill {100 * h['custom_prefill_overhead']:+.1f}%;"
+        f"prefill {100 * h['custom_prefill_overhead']:+.1f}%; `custom-fp16`: decode "
+        f"{100 * h['custom16_decode_overhead']:+.1f}%, prefill {100 * h['custom16_prefill_overhead']:+.1f}%;"
         f" in standard ops (the default): decode {100 * h['unfused_decode_overhead']:+.1f}%, prefill "
         f"{100 * h['unfused_prefill_overhead']:+.1f}%",
         f"- adapter switch in a live ORT session: **{h['adapter_switch_ms']:.3f} ms** cached (goal <= 10 ms); first "
@@ -315,6 +321,7 @@ def markdown(r: dict) -> str:
         "ort_4bit": "vs sparsepack 4-bit",
         "ort_4bit_unfused": "vs sparsepack 4-bit + adapter",
         "ort_4bit_custom": "vs sparsepack 4-bit + adapter",
+        "ort_4bit_custom16": "vs sparsepack 4-bit + adapter",
         "ort_4bit_merged": "vs sparsepack 4-bit + adapter",
     }
     for name, row in r["rows"].items():

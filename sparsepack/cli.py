@@ -280,10 +280,12 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
 @click.option("--opset", default=None, type=click.IntRange(18), help="ONNX opset (default: the exporter's).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Float type of the graph (onnx) or of the written weights (safetensors).")
-@click.option("--adapter-op", default="standard", show_default=True, type=click.Choice(["standard", "custom"]),
+@click.option("--adapter-op", default="standard", show_default=True,
+              type=click.Choice(["standard", "custom", "custom-fp16"]),
               help="onnx, unfused adapters: standard ONNX ops (any onnxruntime), or one sparsepack "
                    "SparseLowRankDelta node per adapted layer (faster; a C library built with gcc on first use, "
-                   "registered by sparsepack's runtime; fp32 only).")
+                   "registered by sparsepack's runtime; fp32 graphs); custom-fp16 also stores the low-rank "
+                   "factors in fp16.")
 @click.option("--lora-approx", "lora_approx", default=None, type=click.IntRange(1), metavar="RANK",
               help="peft: one LoRA of at most RANK per module from an SVD of low-rank + sparse (error reported).")
 @click.option("--validate/--no-validate", default=True, show_default=True,

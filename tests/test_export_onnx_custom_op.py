@@ -181,3 +181,26 @@ def test_custom_op_refusals_write_nothing(packs):
                                     "--adapter-op", "custom"])  # fmt: skip
     assert res.exit_code == 2 and "--adapter-op" in res.output
     assert not out.exists() and not list(root.glob(".never*"))
+
+
+def test_custom_fp16_stores_half_factors_and_matches_its_rounded_adapter(packs):
+    import sparsepack
+    from sparsepack.exporters.onnx_adapters import round_lowrank_fp16
+
+    root, pack = packs
+    summary = export_onnx(pack, root / "f16", adapters=["a"], adapter_op="custom-fp16", kv_cache=False)
+    assert summary["validation"]["a:logits"]["max_abs_diff"] < 1e-5  # against A, sB rounded as stored
+    params = ort.AdapterFormat.read_adapter(str(root / "f16" / "adapters" / "a.onnx_adapter")).get_parameters()
+    kinds = {k.split("_", 2)[-1]: v.numpy().dtype for k, v in params.items()}  # adapter_{i}_{part}
+    assert kinds == {"lora_A": np.float16, "lora_B": np.float16, "values": np.float32, "row_ptr": np.int32,
+                     "col_idx": np.int32}  # fmt: skip
+    om = OnnxModel(root / "f16")
+    om.set_adapter("a")
+    ids = np.array([[5, 9, 40, 7, 11]], dtype=np.int64)
+    model = sparsepack.load(pack, adapter="a")
+    exact = model(torch.from_numpy(ids)).logits.detach().numpy()
+    round_lowrank_fp16(model)
+    rounded = model(torch.from_numpy(ids)).logits.detach().numpy()
+    got = om.logits(ids)
+    assert np.abs(got - rounded).max() < 1e-5
+    assert 1e-6 < np.abs(got - exact).max() < 1e-2  # the rounding shows, and stays small

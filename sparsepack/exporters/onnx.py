@@ -34,6 +34,8 @@ from sparsepack.exporters.onnx_adapters import (
     AdapterSlotLinear,
     adapter_tensors,
     add_defaults,
+    is_custom,
+    round_lowrank_fp16,
     run_options,
     sample_slot,
     slot_dynamic_shapes,
@@ -74,8 +76,8 @@ def check_request(pack, adapters: tuple[str, ...], merge: bool, dtype: str = "fp
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if adapter_op not in ADAPTER_OPS:
         raise ValueError(f"--adapter-op must be one of {', '.join(ADAPTER_OPS)}, got {adapter_op!r}")
-    if adapter_op == "custom" and dtype != "fp32":
-        raise ValueError(f"--adapter-op custom runs fp32 graphs only; got --dtype {dtype}")
+    if is_custom(adapter_op) and dtype != "fp32":
+        raise ValueError(f"--adapter-op {adapter_op} runs fp32 graphs only; got --dtype {dtype}")
     for name in adapters:
         if name not in pack.adapters:
             have = ", ".join(sorted(pack.adapters)) or "none"
@@ -273,7 +275,7 @@ def export_graph(model: nn.Module, kv_cache: bool, opset: int | None, slots: lis
         shapes.update({f"past_{k}": {0: batch, 2: past_len} for k in kv})
     for i, (_, k, n) in enumerate(slots):
         names += slot_names(i, adapter_op)
-        args += [t.to(dtype) if t.is_floating_point() else t for t in sample_slot(k, n, op=adapter_op)]
+        args += [t.to(dtype) if t.dtype == torch.float32 else t for t in sample_slot(k, n, op=adapter_op)]
         shapes.update(slot_dynamic_shapes(i, adapter_op))
     wrapper = make_wrapper(model, names, kv_cache, [model.get_submodule(m) for m, _, _ in slots])
     with warnings.catch_warnings():
@@ -336,7 +338,7 @@ def export_onnx(
     pack_path, out_dir = Path(pack), Path(out_dir)
     info = read_pack(pack_path, verify=True, check_config=True)
     check_request(info, adapters, merge, dtype, adapter_op)
-    if adapter_op == "custom":
+    if is_custom(adapter_op):
         from sparsepack.runtime.ort_ops import library_path
 
         library_path()  # OrtOpsBuildError (no compiler, compile error) before any work
@@ -347,7 +349,7 @@ def export_onnx(
     model = load(pack_path, adapter=merged)
     slots = adapter_slots(model, unfused)
     np_float = np.float16 if dtype == "fp16" else np.float32
-    tensors = {name: {k: v.astype(np_float) if v.dtype.kind == "f" else v
+    tensors = {name: {k: v.astype(np_float) if v.dtype == np.float32 else v
                       for k, v in adapter_tensors(model, name, slots, adapter_op).items()}
                for name in unfused}  # fmt: skip
     nbits = dense_standins(model, merged, slots, adapter_op)
@@ -402,6 +404,8 @@ def run_validation(export_dir: Path, pack_path: Path, adapter: str | None, meta:
     from sparsepack.runtime.loader import load
 
     model = load(pack_path, adapter=adapter)
+    if meta.get("adapter_op") == "custom-fp16":
+        round_lowrank_fp16(model)
     session = ort.InferenceSession(str(export_dir / MODEL_FILE), session_options(meta.get("adapter_op")),
                                    providers=["CPUExecutionProvider"])  # fmt: skip
     pad = meta["pad_token_id"] if isinstance(meta["pad_token_id"], int) else 0

@@ -36,9 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-# The five slot inputs of each adapter op ("standard": ONNX ops only, COO int64; "custom": sparsepack's op, CSR int32)
+# The five slot inputs of each adapter op ("standard": ONNX ops only, COO int64; "custom": sparsepack's op, CSR int32;
+# "custom-fp16": the same op with the low-rank factors stored in fp16)
 LAYOUTS = {"standard": ("lora_A", "lora_B", "values", "rows", "cols"),
            "custom": ("lora_A", "lora_B", "values", "row_ptr", "col_idx")}  # fmt: skip
+LAYOUTS["custom-fp16"] = LAYOUTS["custom"]
 ADAPTER_OPS = tuple(LAYOUTS)
 PARTS = LAYOUTS["standard"]
 ADAPTER_DIR = "adapters"
@@ -75,7 +77,7 @@ class AdapterSlotLinear(nn.Module):
         self.slot: tuple[torch.Tensor, ...] | None = None  # this call's slot tensors, in LAYOUTS[op] order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op == "custom":
+        if is_custom(self.op):
             return self.base(x) + _custom_delta(x, *self.slot)
         A_t, B_t, values, rows, cols = self.slot
         y = self.base(x) + (x @ A_t) @ B_t  # (..., r) -> (..., out)
@@ -92,6 +94,18 @@ def _custom_delta(x, A, B, values, row_ptr, col_idx):
                                    dtype=x.dtype, shape=(*x.shape[:-1], B.shape[0]), version=OP_VERSION)  # fmt: skip
 
 
+def is_custom(op: str | None) -> bool:
+    """Whether adapter op ``op`` is sparsepack's ``SparseLowRankDelta`` (needs its library in every session)."""
+    from sparsepack.runtime.ort_ops import ADAPTER_OPS
+
+    return op in ADAPTER_OPS
+
+
+def lowrank_dtype(op: str, dtype=np.float32):
+    """numpy dtype of the stored low-rank factors: fp16 for ``custom-fp16``, else the graph's float type."""
+    return np.float16 if op == "custom-fp16" else dtype
+
+
 def slot_names(i: int, op: str = "standard") -> list[str]:
     return [f"adapter_{i}_{p}" for p in LAYOUTS[op]]
 
@@ -100,11 +114,12 @@ def sample_slot(in_features: int, out_features: int, r: int = 6, nnz: int = 7, o
                 ) -> list[torch.Tensor]:  # fmt: skip
     """Trace-time tensors for one slot (sizes distinct from every other dynamic axis so none is specialized)."""
     idx = torch.arange(nnz, dtype=torch.long)
-    if op == "custom":
+    if is_custom(op):
         row_ptr = torch.full((out_features + 1,), nnz, dtype=torch.int32)
         row_ptr[0] = 0
-        return [torch.zeros(r, in_features), torch.zeros(out_features, r), torch.zeros(nnz), row_ptr,
-                (idx % in_features).int()]  # fmt: skip
+        ab = torch.float16 if op == "custom-fp16" else torch.float32
+        return [torch.zeros(r, in_features, dtype=ab), torch.zeros(out_features, r, dtype=ab), torch.zeros(nnz),
+                row_ptr, (idx % in_features).int()]  # fmt: skip
     return [torch.zeros(in_features, r), torch.zeros(r, out_features), torch.zeros(nnz),
             idx % out_features, idx % in_features]  # fmt: skip
 
@@ -114,7 +129,7 @@ def slot_dynamic_shapes(i: int, op: str = "standard") -> dict[str, dict[int, obj
 
     r, nnz = Dim(f"r{i}", min=1), Dim(f"nnz{i}", min=1)
     a, b, v, ix, iy = slot_names(i, op)
-    if op == "custom":  # A [r, in], B [out, r], row_ptr [out + 1] (static)
+    if is_custom(op):  # A [r, in], B [out, r], row_ptr [out + 1] (static)
         return {a: {0: r}, b: {1: r}, v: {0: nnz}, ix: None, iy: {0: nnz}}
     return {a: {1: r}, b: {0: r}, v: {0: nnz}, ix: {0: nnz}, iy: {0: nnz}}
 
@@ -124,10 +139,11 @@ def zero_defaults(slots: list[tuple[str, int, int]], dtype=np.float32, op: str =
     out = {}
     for i, (_, k, n) in enumerate(slots):
         a, b, v, ix, iy = slot_names(i, op)
-        if op == "custom":  # one stored zero, at (0, 0): row_ptr = [0, 1, 1, ..., 1]
+        if is_custom(op):  # one stored zero, at (0, 0): row_ptr = [0, 1, 1, ..., 1]
             row_ptr = np.ones(n + 1, np.int32)
             row_ptr[0] = 0
-            out.update({a: np.zeros((1, k), dtype), b: np.zeros((n, 1), dtype), v: np.zeros(1, dtype),
+            ab = lowrank_dtype(op, dtype)
+            out.update({a: np.zeros((1, k), ab), b: np.zeros((n, 1), ab), v: np.zeros(1, dtype),
                         ix: row_ptr, iy: np.zeros(1, np.int32)})  # fmt: skip
             continue
         out.update({a: np.zeros((k, 1), dtype), b: np.zeros((1, n), dtype), v: np.zeros(1, dtype),
@@ -150,7 +166,8 @@ def adapter_tensors(model: nn.Module, name: str, slots: list[tuple[str, int, int
                     ) -> dict[str, np.ndarray]:  # fmt: skip
     """Adapter ``name`` of the loaded pack as slot tensors, scaling folded into B.
 
-    ``standard``: A, B transposed, CSR -> COO int64; ``custom``: A, B as PEFT stores them, CSR int32.
+    ``standard``: A, B transposed, CSR -> COO int64; ``custom``: A, B as PEFT stores them, CSR int32
+    (``custom-fp16``: A, B in fp16).
     """
     out: dict[str, np.ndarray] = {}
     for i, (module, _, _) in enumerate(slots):
@@ -159,16 +176,36 @@ def adapter_tensors(model: nn.Module, name: str, slots: list[tuple[str, int, int
         if name in layer.lora_A:
             A = layer.lora_A[name].detach().float()  # (r, in)
             B = layer.scaling[name] * layer.lora_B[name].detach().float()  # (out, r)
-            out[a], out[b] = (A.numpy(), B.numpy()) if op == "custom" else (A.t().numpy(), B.t().numpy())
-            out[a], out[b] = np.ascontiguousarray(out[a]), np.ascontiguousarray(out[b])
+            A, B = (A, B) if is_custom(op) else (A.t(), B.t())
+            ab = lowrank_dtype(op)
+            out[a], out[b] = np.ascontiguousarray(A.numpy(), ab), np.ascontiguousarray(B.numpy(), ab)
         if name in layer.sparse_values:
             s = layer.supports[name]
             out[v] = layer.sparse_values[name].detach().float().numpy()
-            if op == "custom":
+            if is_custom(op):
                 out[ix], out[iy] = s.row_ptr.to(torch.int32).numpy(), s.col_idx.to(torch.int32).numpy()
             else:
                 out[ix], out[iy] = s.row_idx.long().numpy(), s.col_idx.long().numpy()
     return out
+
+
+def round_lowrank_fp16(model: nn.Module) -> None:
+    """Round every adapter's ``A`` and ``s * B`` to fp16 in place, as ``custom-fp16`` stores them.
+
+    Validation of such an export then checks the graph against the adapter it holds, at fp32 tolerances; what the
+    rounding itself costs is the benchmark's logit difference against the unrounded adapter.
+    """
+    from sparsepack.layers.adapter_linear import SparseLowRankLinear
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if not isinstance(mod, SparseLowRankLinear):
+                continue
+            for name in list(mod.lora_A):
+                A, B, s = mod.lora_A[name], mod.lora_B[name], float(mod.scaling[name])
+                A.copy_(A.half().float())
+                if s != 0.0:
+                    B.copy_((s * B).half().float() / s)
 
 
 def write_adapter(path: Path, tensors: dict[str, np.ndarray], version: int = 1) -> None:

@@ -78,8 +78,10 @@ def read_export_metadata(root: Path) -> dict:
         path = safe_child(root, rel)
         if not path.is_file():
             raise MissingFileError(f"adapter {name!r} file is absent", path)
-    if meta.get("adapter_op", "standard") not in ("standard", "custom"):
-        raise bad("adapter_op", "'standard' or 'custom'")
+    from sparsepack.runtime.ort_ops import ADAPTER_OPS
+
+    if meta.get("adapter_op", "standard") not in ("standard", *ADAPTER_OPS):
+        raise bad("adapter_op", f"one of {', '.join(('standard', *ADAPTER_OPS))}")
     for key in ("eos_token_id", "pad_token_id", "vocab_size"):
         if meta.get(key) is not None and (type(meta[key]) is not int or not 0 <= meta[key] < 2**31):
             raise bad(key, "a non-negative integer or null")
@@ -168,15 +170,16 @@ def check_adapter_file(path: Path, inputs: dict[str, tuple[int, list[int | None]
 def session_options(adapter_op: str | None = None):
     """CPU-friendly defaults; warnings off (adapter inputs that have initializers are one, by design).
 
-    ``adapter_op="custom"`` (an export's ``adapter_op``) registers sparsepack's op library, building it if needed.
+    ``adapter_op`` ``custom`` / ``custom-fp16`` (an export's ``adapter_op``) registers sparsepack's op library,
+    building it if needed.
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if adapter_op == "custom":
-        from sparsepack.runtime.ort_ops import register
+    from sparsepack.runtime.ort_ops import ADAPTER_OPS, register
 
+    if adapter_op in ADAPTER_OPS:
         register(opts)
     return opts
 

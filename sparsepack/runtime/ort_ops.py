@@ -25,6 +25,7 @@ from pathlib import Path
 DOMAIN = "sparsepack"
 OP = "SparseLowRankDelta"
 OP_VERSION = 1  # the opset version of DOMAIN in exported graphs
+ADAPTER_OPS = ("custom", "custom-fp16")  # the export's `adapter_op` values that run this op (fp32 / fp16 A, B)
 SOURCE = Path(__file__).with_name("csrc") / "sp_ortops.c"
 LIBRARY = "libsp_ortops.so"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
