@@ -26,7 +26,7 @@ DOMAIN = "sparsepack"
 OP = "SparseLowRankDelta"
 OP_VERSION = 1  # the opset version of DOMAIN in exported graphs
 ADAPTER_OPS = ("custom", "custom-fp16")  # the export's `adapter_op` values that run this op (fp32 / fp16 A, B)
-SOURCE = Path(__file__).with_name("csrc") / "sp_ortops.c"
+SOURCE = Path(__file__).resolve().with_name("csrc") / "sp_ortops.c"  # absolute: it includes itself by __FILE__
 LIBRARY = "libsp_ortops.so"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
 COMPILERS = ("gcc", "cc", "clang")
