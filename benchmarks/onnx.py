@@ -345,6 +345,11 @@ def markdown(r: dict) -> str:
         "difference of that run; a single-layer test reproduced it in most runs); exact prefill costs the "
         "serial per-element scatter. Per-op and per-layer measurements behind these choices are in "
         "`sparsepack/exporters/onnx_adapters.py` and the notes below the table in `docs/BENCHMARKS.md`.",
+        "",
+        "`--adapter-op custom` runs each slot as one `sparsepack::SparseLowRankDelta` node instead: low-rank and "
+        "CSR sparse (int32 indices) in one C kernel (`sparsepack/runtime/csrc/sp_ortops.c`, built with gcc on "
+        "first use and registered by `OnnxModel`; `benchmarks/ort_custom_op/REPORT.md` has the probe behind it). "
+        "`custom-fp16` also stores A and B in fp16; its logit difference includes that rounding.",
     ]
     return "\n".join(lines) + "\n"
 
