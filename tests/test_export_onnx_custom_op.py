@@ -166,11 +166,18 @@ def test_custom_op_adapter_file_holds_csr_int32(packs, custom_export):
     assert got[f"adapter_{i}_lora_A"].shape == tuple(layer.lora_A["b"].shape)  # PEFT's [r, in]
 
 
-def test_custom_op_refusals_write_nothing(packs):
+def test_custom_op_refusals_write_nothing(packs, tmp_path, monkeypatch):
     from sparsepack.cli import main
 
     root, pack = packs
     out = root / "never"
+    with monkeypatch.context() as m:  # no library built in this cache and no compiler: refused before any work
+        m.setenv("SPARSEPACK_CACHE", str(tmp_path / "empty"))
+        m.delenv("CC", raising=False)
+        m.setattr(ort_ops.shutil, "which", lambda name: None)
+        res = CliRunner().invoke(main, ["export", str(pack), "-o", str(out), "--adapter", "a", "--adapter-op",
+                                        "custom"])  # fmt: skip
+        assert res.exit_code == 1 and "OrtOpsBuildError" in res.output and "C compiler" in res.output
     with pytest.raises(ValueError, match="fp32 graphs only"):
         export_onnx(pack, out, adapters=["a"], adapter_op="custom", dtype="fp16")
     with pytest.raises(ValueError, match="--merge keeps none"):

@@ -69,8 +69,8 @@ def check_request(pack, adapters: tuple[str, ...], merge: bool, dtype: str = "fp
                   ) -> None:  # fmt: skip
     """Fail before any work on names the pack lacks, merge without exactly one adapter, or layers ORT cannot run.
 
-    ``--adapter-op custom`` also needs its library: it is built here (or found built), so a missing compiler
-    fails before the export starts.
+    ``--adapter-op custom`` / ``custom-fp16`` also need the op's library: it is built here (or found built), so a
+    missing compiler fails before the export starts.
     """
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -86,6 +86,10 @@ def check_request(pack, adapters: tuple[str, ...], merge: bool, dtype: str = "fp
         raise ValueError(f"--merge folds exactly one adapter in; got {len(adapters)}")
     if merge and adapter_op != "standard":
         raise ValueError("--adapter-op applies to unfused adapters; --merge keeps none")
+    if is_custom(adapter_op):
+        from sparsepack.runtime.ort_ops import library_path
+
+        library_path()  # OrtOpsBuildError (no compiler, a compile error)
     if pack.quant is not None:
         for name in pack.quantized_modules:
             in_features = pack.tensors[f"{name}.g_idx"].shape[0]
@@ -325,7 +329,8 @@ def export_onnx(
         dtype: ``fp32`` or ``fp16`` for the graph's weights, activations, cache and adapters (the MatMulNBits
             integers are the same either way); fp16 is validated with the fp16 rows of the tolerance table.
         adapter_op: how unfused adapters run: ``standard`` ONNX ops (any onnxruntime), or ``custom``, one
-            ``sparsepack::SparseLowRankDelta`` node per adapted layer (built from C on first use; fp32 only).
+            ``sparsepack::SparseLowRankDelta`` node per adapted layer (built from C on first use; fp32 graphs);
+            ``custom-fp16`` stores that op's low-rank factors in fp16 (validated against the adapter so rounded).
 
     Returns:
         A summary: paths, node counts, sizes, timings and validation figures.
@@ -338,10 +343,6 @@ def export_onnx(
     pack_path, out_dir = Path(pack), Path(out_dir)
     info = read_pack(pack_path, verify=True, check_config=True)
     check_request(info, adapters, merge, dtype, adapter_op)
-    if is_custom(adapter_op):
-        from sparsepack.runtime.ort_ops import library_path
-
-        library_path()  # OrtOpsBuildError (no compiler, compile error) before any work
     if out_dir.exists() and not overwrite:
         raise OutputExistsError("output exists (pass --overwrite to replace it)", out_dir)
     merged = adapters[0] if merge else None

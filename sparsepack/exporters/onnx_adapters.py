@@ -25,7 +25,8 @@ rows picks between
 ``--adapter-op custom`` replaces all of that by one ``sparsepack::SparseLowRankDelta`` node per slot
 (:mod:`sparsepack.runtime.ort_ops`, a C library built on first use and registered with each session). Its slot
 inputs are PEFT's layout and CSR: ``lora_A`` ``[r_i, in]``, ``lora_B`` ``[out, r_i]`` (scaling folded in),
-``values`` ``[nnz_i]``, ``row_ptr`` int32 ``[out + 1]``, ``col_idx`` int32 ``[nnz_i]``. fp32 graphs only.
+``values`` ``[nnz_i]``, ``row_ptr`` int32 ``[out + 1]``, ``col_idx`` int32 ``[nnz_i]``. fp32 graphs only;
+``--adapter-op custom-fp16`` stores ``lora_A`` / ``lora_B`` in fp16 (the kernel widens them as it reads).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ LAYOUTS = {"standard": ("lora_A", "lora_B", "values", "rows", "cols"),
            "custom": ("lora_A", "lora_B", "values", "row_ptr", "col_idx")}  # fmt: skip
 LAYOUTS["custom-fp16"] = LAYOUTS["custom"]
 ADAPTER_OPS = tuple(LAYOUTS)
-PARTS = LAYOUTS["standard"]
 ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 

@@ -175,10 +175,10 @@ def session_options(adapter_op: str | None = None):
     """
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     from sparsepack.runtime.ort_ops import ADAPTER_OPS, register
 
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     if adapter_op in ADAPTER_OPS:
         register(opts)
     return opts
