@@ -211,3 +211,14 @@ def test_custom_fp16_stores_half_factors_and_matches_its_rounded_adapter(packs):
     got = om.logits(ids)
     assert np.abs(got - rounded).max() < 1e-5
     assert 1e-6 < np.abs(got - exact).max() < 1e-2  # the rounding shows, and stays small
+
+
+def test_unknown_adapter_op_in_metadata_is_refused(custom_export, tmp_path):
+    from sparsepack.formats.errors import ManifestError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(custom_export[1], copy)
+    meta = json.loads((copy / "sparsepack_onnx.json").read_text())
+    (copy / "sparsepack_onnx.json").write_text(json.dumps({**meta, "adapter_op": "turbo"}))
+    with pytest.raises(ManifestError, match="adapter_op"):
+        OnnxModel(copy)
