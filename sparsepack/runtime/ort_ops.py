@@ -4,9 +4,8 @@ The op computes one adapter slot's correction ``y = scale * (x A^T) B^T + x S^T`
 (inputs ``x, A [r, in], B [out, r], scale, values [nnz], row_ptr [out + 1], col_idx [nnz]``; r = 0 / nnz = 0
 allowed; the CSR structure is checked on every call). The standard-op graph needs about a dozen nodes per slot
 for the same maths; see ``csrc/sp_ortops.c`` and ``benchmarks/ort_custom_op/REPORT.md`` for the kernels and the
-C API facts they rely on. A decode call (one token row) large enough to pay for it splits its output rows over
-onnxruntime's intra-op thread pool (``KernelContext_ParallelFor``), so the op scales with the session's threads
-as the base's ``MatMulNBits`` does.
+C API facts they rely on. The op runs on the calling thread: splitting a decode call's output rows over
+onnxruntime's intra-op pool (``KernelContext_ParallelFor``) was measured no faster at 2 threads (2026-11-25).
 
 The PyPI onnxruntime wheel ships no C headers, so the library declares the few API entries it uses itself and
 links against nothing but libc. It is compiled here with the system C compiler (gcc >= 12 or clang >= 15) for the

@@ -31,8 +31,6 @@
  *   -DSP_BLOCKED    previous kernel: 8 rows of A at a time, per-row gathers in the sparse part
  *   -DSP_PREFETCH=0 no software prefetch of the adapter at kernel entry
  *   -DSP_OP_VERSION=N  OrtCustomOp.version (default 16; >= 16 needed for error reporting)
- *   -DSP_SERIAL     decode on the calling thread only (default: split over output rows into
- *                   onnxruntime's intra-op pool through KernelContext_ParallelFor, when it is big enough)
  * Needs GCC >= 12 or Clang >= 15 (vector extensions, _Float16).
  * (no -lonnxruntime: every API call goes through the OrtApi table that
  *  onnxruntime hands to RegisterCustomOps / CreateKernel.)
@@ -93,13 +91,8 @@ enum {
   ORD_KernelContext_GetOutput = 91,
   ORD_ReleaseStatus = 93,
   ORD_ReleaseTensorTypeAndShapeInfo = 99,
-  ORD_ReleaseCustomOpDomain = 101,
-  /* API version >= 17 (onnxruntime >= 1.17); the table is fetched with GetApi(SP_PF_API), see RegisterCustomOps.
-   * Ordinal 274 = byte offset 2192 in two independent bindings of the 1.2x header (Julia's LibOnnxRuntime, whose
-   * offsets for ordinals 26, 51 and 60 agree with the ones above, and the Java OrtApi layout's member order). */
-  ORD_KernelContext_ParallelFor = 274
+  ORD_ReleaseCustomOpDomain = 101
 };
-#define SP_PF_API 20 /* request the ParallelFor table at this API version (onnxruntime >= 1.20, as sparsepack) */
 
 typedef OrtStatus* (*fn_CreateStatus)(int code, const char* msg);
 typedef int (*fn_GetErrorCode)(const OrtStatus*);
@@ -121,8 +114,6 @@ typedef OrtStatus* (*fn_KernelContext_GetOutput)(OrtKernelContext*, size_t i, co
 typedef void (*fn_ReleaseStatus)(OrtStatus*);
 typedef void (*fn_ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo*);
 typedef void (*fn_ReleaseCustomOpDomain)(OrtCustomOpDomain*);
-typedef OrtStatus* (*fn_KernelContext_ParallelFor)(const OrtKernelContext*, void (*fn)(void*, size_t), size_t total,
-                                                   size_t num_batch, void* usr_data);
 
 /* Fetch ordinal `ord` from the OrtApi table as function type `type`. */
 #define API(api, ord, type) ((type)(((void* const*)(const void*)(api))[ORD_##ord]))
@@ -323,27 +314,6 @@ typedef struct {
 typedef int (*sp_check_fn)(const void* rp, const void* ci, int64_t out, int64_t nnz, int64_t in, int64_t* where);
 typedef void (*sp_run_fn)(const SpArgs*);
 typedef void (*sp_prefetch_fn)(const SpArgs*);
-typedef void (*sp_part_fn)(const SpArgs*, int64_t o0, int64_t o1, float* u);
-
-/* The API table that has KernelContext_ParallelFor (set at registration; NULL: run every call on one thread). */
-static const OrtApi* g_api_pf = NULL;
-/* Decode calls with fewer output rows than this, or less adapter data (floats of A, B and the sparse part) than
- * SP_PAR_MIN_WORK, stay on the calling thread: a pool dispatch costs a few microseconds. */
-#define SP_PAR_MIN_OUT 128
-#define SP_PAR_MIN_WORK 16384
-#define SP_PAR_TASKS 2
-
-typedef struct {
-  const SpArgs* g;
-  sp_part_fn part;
-  int64_t bounds[SP_PAR_TASKS + 1]; /* output-row chunk edges, multiples of 8 */
-  float* u;                         /* SP_PAR_TASKS x r: each task's own A x */
-} SpParJob;
-
-static void sp_par_task(void* data, size_t i) {
-  const SpParJob* job = (const SpParJob*)data;
-  job->part(job->g, job->bounds[i], job->bounds[i + 1], job->u + (int64_t)i * job->g->r);
-}
 
 static OrtStatus* sp_compute(void* kernel_ptr, OrtKernelContext* ctx) {
   const SpKernel* k = (const SpKernel*)kernel_ptr;
@@ -369,8 +339,6 @@ static OrtStatus* sp_compute(void* kernel_ptr, OrtKernelContext* ctx) {
   static const sp_run_fn runs[2][2] = {{sp_delta_f32_i64, sp_delta_f32_i32}, {sp_delta_f16_i64, sp_delta_f16_i32}};
   static const sp_prefetch_fn pfs[2][2] = {{sp_prefetch_adapter_f32_i64, sp_prefetch_adapter_f32_i32},
                                            {sp_prefetch_adapter_f16_i64, sp_prefetch_adapter_f16_i32}};
-  static const sp_part_fn parts[2][2] = {{sp_delta_part_f32_i64, sp_delta_part_f32_i32},
-                                         {sp_delta_part_f16_i64, sp_delta_part_f16_i32}};
 
   /* ---- shapes ---- */
   if (X->ndims < 1) return sp_err(api, "SparseLowRankDelta: x must have rank >= 1");
@@ -445,25 +413,9 @@ static OrtStatus* sp_compute(void* kernel_ptr, OrtKernelContext* ctx) {
     g.arow = g.bt + out * r;
     g.prod = g.arow + (half ? r * in : 0);
   }
-  OrtStatus* status = NULL;
-  if (rows == 1 && g_api_pf != NULL && out >= SP_PAR_MIN_OUT && r * (in + out) + 2 * nnz >= SP_PAR_MIN_WORK) {
-    /* decode, split over output rows: each task computes its own u = scale A x (A is read by both) and its rows
-     * of B u + S x (prod[k] for its own k range, so the shared prod scratch is written disjointly) */
-    SpParJob job = {.g = &g, .part = parts[half][i32]};
-    float u_stack[SP_PAR_TASKS * 256];
-    job.u = r <= 256 ? u_stack : (float*)malloc(sizeof(float) * SP_PAR_TASKS * (size_t)r);
-    if (!job.u) status = API(api, CreateStatus, fn_CreateStatus)(SP_ORT_FAIL, "SparseLowRankDelta: out of memory");
-    for (int i = 0; i <= SP_PAR_TASKS; i++) job.bounds[i] = (out / 8 * i / SP_PAR_TASKS) * 8;
-    job.bounds[SP_PAR_TASKS] = out;
-    if (!status)
-      status = API(g_api_pf, KernelContext_ParallelFor, fn_KernelContext_ParallelFor)(ctx, sp_par_task, SP_PAR_TASKS,
-                                                                                     0, &job);
-    if (job.u && job.u != u_stack) free(job.u);
-  } else {
-    runs[half][i32](&g);
-  }
+  runs[half][i32](&g);
   if (work != work_stack) free(work);
-  return status;
+  return NULL;
 }
 
 /* ---- OrtCustomOp callbacks ---- */
@@ -564,9 +516,6 @@ __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOp
   }
   /* The domain must outlive every session created from `options`; it is
    * intentionally never released (one small object per registration). */
-#if !defined(SP_SERIAL) && !defined(SP_PLAIN) && !defined(SP_BLOCKED)
-  g_api_pf = base->GetApi(SP_PF_API); /* NULL on an older runtime: decode stays on one thread */
-#endif
   return NULL;
 }
 
@@ -689,33 +638,6 @@ __attribute__((unused)) static void N(sp_delta_stream)(const SpArgs* g) {
       for (int64_t k = rp[o]; k < (int64_t)rp[o + 1]; k++) acc += prod[k];
       yt[o] = acc;
     }
-  }
-}
-
-/* One decode row, output rows [o0, o1) only (o0 a multiple of 8): what one task of the parallel decode does. u is
- * this task's own scratch (r floats); prod is shared, and this task writes only its entries [rp[o0], rp[o1]). */
-__attribute__((unused)) static void N(sp_delta_part)(const SpArgs* g, int64_t o0, int64_t o1, float* u) {
-  const WT* a = (const WT*)g->a;
-  const WT* b = (const WT*)g->b;
-  const IT* rp = (const IT*)g->rp;
-  const IT* ci = (const IT*)g->ci;
-  const int64_t in = g->in, r = g->r, nnz = g->nnz;
-  const float* xt = g->x;
-  float* prod = g->prod;
-  if (o1 <= o0) return;
-  for (int64_t q = 0; q < r; q++) u[q] = g->scale * N(sp_dotv)(a + q * in, xt, in);
-  for (int64_t k = rp[o0]; k < (int64_t)rp[o1]; k++) prod[k] = g->val[k] * xt[ci[k]];
-  int64_t o = o0;
-  for (; o + 8 <= o1; o += 8) {
-    v8 acc = (r > 0) ? N(sp_dot8)(b + o * r, r, u, r) : (v8){0};
-    if (nnz > 0) acc += N(sp_segsum8)(prod, rp, nnz, o);
-    st8(g->y + o, acc);
-  }
-  for (; o < o1; o++) {
-    float acc = 0.0f;
-    for (int64_t k2 = 0; k2 < r; k2++) acc += (float)b[o * r + k2] * u[k2];
-    for (int64_t k = rp[o]; k < (int64_t)rp[o + 1]; k++) acc += prod[k];
-    g->y[o] = acc;
   }
 }
 
