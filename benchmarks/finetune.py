@@ -355,6 +355,11 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
                   "--kl-weight 1)", "base": pack,
          "train": [*lora, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
                    "--kl-weight", "1"]},
+        # run 17 at half the KL weight (appended, so that the indices above stay the commands' --q-only numbers)
+        {"label": "4-bit + RoSA low-rank residual init + KL on teacher samples (--kl-data teacher --kl-weight 0.5)",
+         "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
+                                 "--kl-weight", "0.5", "--warmup-steps", str(warmup), "--mask-samples", "8",
+                                 "--steps", str(steps)]},
     ]  # fmt: skip
 
 
