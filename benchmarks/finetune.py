@@ -363,7 +363,8 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
     ]  # fmt: skip
 
 
-def _quality_one(i: int, run: dict, work: Path, log_dir: Path, threads: int, texts: dict[str, str]) -> dict:
+def _quality_one(i: int, run: dict, work: Path, log_dir: Path, threads: int, texts: dict[str, str],
+                 ckpt_flags: tuple[str, ...] = ()) -> dict:  # fmt: skip
     from benchmarks._common import sparsepack_cmd
 
     env = child_env(threads, NUMBA_NUM_THREADS=str(threads))
@@ -371,9 +372,11 @@ def _quality_one(i: int, run: dict, work: Path, log_dir: Path, threads: int, tex
     if run["train"] is not None:
         out = work / f"run{i}"
         ft = run_timed(sparsepack_cmd("finetune", run["base"], "-o", out, "--adapter", "q", "--overwrite", "--json",
-                                      *run["train"]), log_dir / f"q{i}-finetune.log", env=env)  # fmt: skip
+                                      *run["train"], *ckpt_flags), log_dir / f"q{i}-finetune.log", env=env)  # fmt: skip
         target, adapter = str(out), "q"
-        row.update({"train_s": ft.wall_s, "train_peak_rss_mb": ft.peak_rss_mb, "summary": ft.result})
+        # with --q-resume, train_s covers only this invocation's part of the run
+        row.update({"resumed": "--resume" in ckpt_flags, "train_s": ft.wall_s, "train_peak_rss_mb": ft.peak_rss_mb,
+                    "summary": ft.result})
     for key, source in texts.items():
         n = Q_EVAL_WINDOWS[key]
         cmd = ["eval", target, "--data", source, "--seqlen", str(Q_EVAL_SEQLEN), "--json",
@@ -399,9 +402,13 @@ def run_quality(args, log_dir: Path, model_dir: str) -> dict:
     if args.q_only:
         keep = {int(x) for x in args.q_only.split(",")}
         runs = [r for i, r in enumerate(runs) if i in keep]
+    # checkpoints let a run cut short (a session's end) continue bit-for-bit with --q-resume
+    ckpt_flags = (*(["--save-every", str(args.q_save_every)] if args.q_save_every else []),
+                  *(["--resume"] if args.q_resume else []))  # fmt: skip
     # perplexities do not depend on the machine's load: runs go in parallel (1 thread each) to fit the time
     with LoadMonitor() as load, ThreadPoolExecutor(args.q_parallel) as pool:
-        rows = list(pool.map(lambda ir: _quality_one(ir[0], ir[1], work, log_dir, 1, texts), enumerate(runs)))
+        rows = list(pool.map(lambda ir: _quality_one(ir[0], ir[1], work, log_dir, 1, texts, ckpt_flags),
+                             enumerate(runs)))
     return {"rows": rows, "texts": texts, "steps": args.q_steps, "warmup": args.q_warmup, "seed": args.q_seed,
             "load": load.summary()}
 
@@ -455,6 +462,8 @@ def main() -> None:
     ap.add_argument("--q-seed", type=int, default=0, help="quality: --seed of every run (init, data order, dropout)")
     ap.add_argument("--q-parallel", type=int, default=3, help="quality: runs at once")
     ap.add_argument("--q-only", default=None, help="quality: comma-separated run indices")
+    ap.add_argument("--q-save-every", type=int, default=0, help="quality: finetune checkpoints every N steps")
+    ap.add_argument("--q-resume", action="store_true", help="quality: continue each run from its last checkpoint")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     model_dir = str(sample_model())
