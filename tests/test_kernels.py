@@ -185,6 +185,16 @@ def test_sparse_ops_cpu_match_reference(case, tokens, driver, monkeypatch):
         kernel_module("_cpu_sparse").add_spmm_arrays_(x.numpy(), strided.numpy(), vals.numpy(), *csr_np)
 
 
+def test_sddmm_drivers_give_the_same_bits(monkeypatch):
+    # per-block partial sums added in block order: a resumed run on another thread count computes the same grads
+    sup = support(97, 64, 0.05, full_row=3)
+    dy, x = torch.randn(200, 97), torch.randn(200, 64)  # 200 tokens: three full 64-token blocks and a ragged one
+    serial = sddmm(dy, x, sup.row_idx, sup.col_idx, backend="cpu")
+    use_driver("parallel", monkeypatch)
+    assert torch.equal(sddmm(dy, x, sup.row_idx, sup.col_idx, backend="cpu"), serial)
+    assert_close(serial, sddmm_reference(dy, x, sup.row_idx, sup.col_idx), torch.float32)
+
+
 def test_sparse_dispatchers_are_differentiable():
     sup = support(24, 32, 0.1, full_row=2, empty_rows=(0,))
     csr = (sup.row_ptr, sup.col_idx, sup.shape)
@@ -382,6 +392,38 @@ def test_multi_adapter_equals_sum_of_parts():
     ref = _grads(lambda: sparse_lowrank_linear_multi_reference(x, base, lowrank, sparse), x, params, gy)
     for f, r in zip(fast, ref, strict=True):
         assert_close(f, r, torch.float32)
+
+
+def test_dense_fold_in_place_restores_the_base_exactly(monkeypatch):
+    # the dense base folds S into W itself for the GEMM and writes the saved entries back; two adapters on the
+    # same support give duplicate indices, which add up on the way in and restore to the one original on the way out
+    force_fold(monkeypatch, True)
+    base, A, B, vals, sup = _layer("dense", dtype=torch.float32)
+    # W a view of one buffer with another parameter (a loader's layout) that autograd saves for backward
+    buffer = torch.cat([base.weight.flatten(), torch.randn(64)])
+    base, norm = DenseBase(buffer[: 48 * 64].view(48, 64), base.bias), buffer[48 * 64 :].requires_grad_()
+    vals2 = torch.randn(sup.nnz).requires_grad_()
+    w0 = base.weight.clone()
+    lowrank = [LowRankPart(A.float().detach().requires_grad_(), B.float().detach().requires_grad_(), 0.5)]
+    sparse = [SparsePart(vals, sup), SparsePart(vals2, sup)]
+    x = torch.randn(30, 64, requires_grad=True)
+    params = (*[p for part in lowrank for p in (part.A, part.B)], vals, vals2)
+    gy = torch.randn(30, 48)
+    fast = _grads(lambda: sparse_lowrank_linear_multi(x * norm, base, lowrank, sparse), x, params, gy)
+    assert torch.equal(base.weight, w0)
+    ref = _grads(lambda: sparse_lowrank_linear_multi_reference(x * norm, base, lowrank, sparse), x, params, gy)
+    for f, r in zip(fast, ref, strict=True):
+        assert_close(f, r, torch.float32)
+
+    fold = (sup.row_idx, sup.col_idx, vals.detach())
+    dense_s = torch.zeros(48, 64).index_put((sup.row_idx.long(), sup.col_idx.long()), vals.detach())
+    with pytest.raises(RuntimeError, match="inside the fold"), base._effective(torch.float32, fold) as w:
+        assert w.data_ptr() == base.weight.data_ptr() and w.shape == (48, 64)  # in place, no copy
+        assert torch.equal(w, w0 + dense_s)
+        raise RuntimeError("inside the fold")
+    assert torch.equal(base.weight, w0)  # restored on the way out of an error too
+    with base._effective(torch.float64, fold) as w:  # another dtype: a transient copy, the base untouched
+        assert w.dtype == torch.float64 and torch.equal(base.weight, w0)
 
 
 def test_autograd_bf16_activations():

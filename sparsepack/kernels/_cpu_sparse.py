@@ -13,7 +13,12 @@ is a unit-stride vector loop:
   ``add_spmm_arrays_`` adds that block into an existing output instead (inference: the base's product, no
   buffer and no extra pass), with the input's transpose in the same compiled call.
 * spmm_t is spmm with the transposed CSR (a stable counting sort, O(nnz + in)).
-* sddmm is one dot product of two T-long rows per stored entry, parallel over entries.
+* sddmm walks the tokens in blocks of ``_SDDMM_TOKENS``: it transposes the block's rows of ``dy`` and ``x`` into
+  two small feature-major buffers (they stay in L2), then takes one dot product of two block-long rows per
+  stored entry. Blocks run in parallel into per-block partial sums, added in block order (so serial and parallel
+  results are the same bits). Against transposing all of ``dy`` and ``x`` first and then one T-long dot product
+  per entry: 1536 x 576 at 0.6% and 512 tokens 1258 -> 480 us on one thread (Intel Xeon), since the full
+  transposes went through memory.
 
 Each parallel kernel is a per-task body with two drivers, ``*_parallel`` (``prange``) and ``*_serial``; a call
 takes the serial one when its estimated serial time is short (see ``parallel``), because waking numba's
@@ -31,20 +36,23 @@ import numpy as np
 import torch
 
 from sparsepack.kernels._backend import match_torch_threads
-from sparsepack.kernels._cpu_transpose import transpose_into, write_back
+from sparsepack.kernels._cpu_transpose import transpose_into, transpose_rows_into, write_back
 from sparsepack.kernels.sparse import csr_row_indices
 
 _FASTMATH = {"reassoc", "contract"}
 _JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
 _ROWS = 16  # output rows per spmm task: one 64-byte line of fp32 outputs per token on write-back
 _TOKENS = 512  # tokens per spmm task: the accumulator block (_ROWS x _TOKENS fp32 = 32 KB) stays in L1/L2
+_SDDMM_TOKENS = 64  # tokens per sddmm block: (out + in) x 64 fp32 transposed values, in L2 (32 and 128: slower)
 _ADD_ROWS = 32  # rows per task of the in-place product at inference (128 tokens: 16 KB accumulator; measured)
 # Serial nanoseconds per unit of work (multiply-add, dequantized weight) of each kernel, measured here (AMD EPYC,
 # 2 cores), and the estimated serial time below which a call runs on the calling thread: starting numba's
 # workqueue threads costs 65-85 us per parallel call (they sleep in between), and with two cores the second
 # thread only pays off on calls well above that. Measured serial / parallel (2 threads): 4-bit 1536 x 576
-# decode product 197 / 294 us, 4096 x 4096 4120 / 2170 us; 1536 x 576 sddmm at 512 tokens 193 / 316 us.
-_NS_PER_UNIT = {"spmm": 0.2, "sddmm": 0.07, "dequant": 0.18, "gemv": 0.22}
+# decode product 197 / 294 us, 4096 x 4096 4120 / 2170 us. sddmm (the token-blocked kernel, its transposes
+# included; Intel Xeon, 2 cores): 1536 x 576 at 0.6% and 512 tokens 480 us serial; its parallel driver was faster
+# alone (278 us) but slower inside a training step (sddmm 140 -> 159 ms per step), so such calls stay serial.
+_NS_PER_UNIT = {"spmm": 0.2, "sddmm": 0.18, "dequant": 0.18, "gemv": 0.22}
 _PARALLEL_MIN_NS = 500_000
 
 
@@ -98,28 +106,44 @@ def _spmm_kernel(xT, values, row_ptr, col_idx, y, rows, accumulate) -> None:
 
 
 @numba.njit(**_JIT)
-def _sddmm_chunk(dyT, xT, row_idx, col_idx, out, n_chunks, c):  # pragma: no cover - compiled
-    # out[i] = dot(dyT[row_idx[i]], xT[col_idx[i]]) for the entries of chunk c.  dyT (out, T), xT (in, T)
-    nnz = out.shape[0]
-    for i in range(c * nnz // n_chunks, (c + 1) * nnz // n_chunks):
-        drow = dyT[row_idx[i]]
-        xrow = xT[col_idx[i]]
+def _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, accumulate):  # pragma: no cover - compiled
+    # out[i] (+)= sum over the tokens t of block b of dy[t, row_idx[i]] * x[t, col_idx[i]].  dy (T, out), x (T, in)
+    t0 = b * tokens
+    n = min(tokens, dy.shape[0] - t0)
+    dyb = np.empty((dy.shape[1], tokens), dtype=dy.dtype)  # (out, tokens): the block's rows of dy, transposed
+    xb = np.empty((x.shape[1], tokens), dtype=x.dtype)
+    transpose_rows_into(dy, t0, n, dyb)
+    transpose_rows_into(x, t0, n, xb)
+    for i in range(out.shape[0]):
+        drow = dyb[row_idx[i]]
+        xrow = xb[col_idx[i]]
         s = out.dtype.type(0.0)
-        for t in range(drow.shape[0]):
+        for t in range(n):
             s += drow[t] * xrow[t]
-        out[i] = s
-
-
-@numba.njit(parallel=True, **_JIT)
-def _sddmm_parallel(dyT, xT, row_idx, col_idx, out, n_chunks):  # pragma: no cover - compiled
-    for c in numba.prange(n_chunks):
-        _sddmm_chunk(dyT, xT, row_idx, col_idx, out, n_chunks, c)
+        out[i] = out[i] + s if accumulate else s
 
 
 @numba.njit(**_JIT)
-def _sddmm_serial(dyT, xT, row_idx, col_idx, out, n_chunks):  # pragma: no cover - compiled
-    for c in range(n_chunks):
-        _sddmm_chunk(dyT, xT, row_idx, col_idx, out, n_chunks, c)
+def _sddmm_blocks(dy, tokens):  # pragma: no cover - compiled
+    return (dy.shape[0] + tokens - 1) // tokens
+
+
+@numba.njit(parallel=True, **_JIT)
+def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
+    nb = _sddmm_blocks(dy, tokens)
+    parts = np.empty((nb, out.shape[0]), dtype=out.dtype)
+    for b in numba.prange(nb):
+        _sddmm_task(dy, x, row_idx, col_idx, parts[b], tokens, b, False)
+    out[:] = parts[0]
+    for b in range(1, nb):  # block order, as the serial driver adds them
+        for i in range(out.shape[0]):
+            out[i] = out[i] + parts[b, i]
+
+
+@numba.njit(**_JIT)
+def _sddmm_serial(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
+    for b in range(_sddmm_blocks(dy, tokens)):
+        _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, b > 0)
 
 
 @numba.njit(**_JIT)
@@ -214,10 +238,15 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
     out = torch.zeros(row_idx.shape[0], dtype=dt)
     if out.numel() and dy.shape[0]:
         match_torch_threads()
-        n_chunks = min(out.numel(), 8 * numba.get_num_threads())  # a few chunks per thread for balance
         kernel = _sddmm_parallel if parallel("sddmm", out.numel() * dy.shape[0]) else _sddmm_serial
-        kernel(_transposed(dy, dt), _transposed(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(), n_chunks)
+        kernel(_token_major(dy, dt), _token_major(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(),
+               _SDDMM_TOKENS)  # fmt: skip
     return out.to(dy.dtype)
+
+
+def _token_major(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``a [T, F]`` as a C-contiguous numpy array in ``dtype`` (no copy when it already is one)."""
+    return a.detach().to(dtype).contiguous().numpy()
 
 
 @numba.njit(**_JIT)

@@ -93,20 +93,27 @@ tr8_add = intrinsic(_typer(add=True))
 
 @numba.njit(**_JIT)
 def transpose_into(x, xT):  # pragma: no cover - compiled
-    # xT[k, t] = x[t, k].  x (T, K), xT (K, T), both C-contiguous, one dtype.  Feature blocks outside, tokens
-    # inside: each block fills eight output rows front to back (with tokens outside, every block of T touched
-    # all K output rows; 128 x 576: 10.8 -> 8.5 us, 512 x 576: 91 -> 46 us, measured)
-    T, K = x.shape
-    T8, K8 = T - T % _B, K - K % _B
+    # xT[k, t] = x[t, k].  x (T, K), xT (K, T), both C-contiguous, one dtype.
+    transpose_rows_into(x, 0, x.shape[0], xT)
+
+
+@numba.njit(**_JIT)
+def transpose_rows_into(x, t0, n, xT):  # pragma: no cover - compiled
+    # xT[k, t] = x[t0 + t, k] for t < n: rows t0 .. t0 + n of x into the first n columns of xT.  x (T, K),
+    # xT (K, >= n), both C-contiguous, one dtype.  Feature blocks outside, tokens inside: each block fills eight
+    # output rows front to back (with tokens outside, every block of T touched all K output rows; 128 x 576:
+    # 10.8 -> 8.5 us, 512 x 576: 91 -> 46 us, measured)
+    K = x.shape[1]
+    n8, K8 = n - n % _B, K - K % _B
     for k in range(0, K8, _B):
-        for t in range(0, T8, _B):
-            tr8_copy(x, t, k, xT, k, t)
+        for t in range(0, n8, _B):
+            tr8_copy(x, t0 + t, k, xT, k, t)
     for k in range(K8, K):
-        for t in range(T8):
-            xT[k, t] = x[t, k]
-    for t in range(T8, T):
+        for t in range(n8):
+            xT[k, t] = x[t0 + t, k]
+    for t in range(n8, n):
         for k in range(K):
-            xT[k, t] = x[t, k]
+            xT[k, t] = x[t0 + t, k]
 
 
 @numba.njit(**_JIT)

@@ -3,11 +3,13 @@
 ``kernels.autograd`` needs three things from a base, whatever it stores: ``x @ W^T`` (+ bias), the input
 gradient ``dy @ W`` and, for the reference, the dense ``W``. Both bases can also *fold* sparse entries into the
 weight they materialize anyway: ``x @ (W + S)^T`` then costs one GEMM instead of a GEMM plus a sparse product
-over every token. The GPTQ base on CPU folds inside its chunked dequantization (free); the dense base folds into
-a transient copy of ``W`` (one memory pass over the weight), which pays off once
-``tokens * nnz >= _FOLD_MIN_WORK * out * in``, or always for weights under ``_FOLD_ALWAYS_ELEMENTS`` (copying
-those costs less than launching the sparse kernels; see ``benchmarks/kernels.py``). Folding is only done in
-fp32/fp64: adding small sparse deltas to a bf16 weight would round them away.
+over every token. The GPTQ base on CPU folds inside its chunked dequantization (free). The dense base folds in
+place when ``W`` is already in the compute dtype: it saves the ``nnz`` entries it touches, adds ``S``, runs the
+GEMM and writes the saved entries back (exact: ``W`` is bit-for-bit what it was; a lock makes the window atomic
+for other threads). Otherwise it folds into a transient copy of ``W`` (one memory pass over the weight). Either
+pays off once ``tokens * nnz >= _FOLD_MIN_WORK * out * in``, or always for weights under
+``_FOLD_ALWAYS_ELEMENTS`` (see ``benchmarks/kernels.py``). Folding is only done in fp32/fp64: adding small sparse
+deltas to a bf16 weight would round them away.
 
 Weights here are in the ``nn.Linear`` orientation, ``[out, in]``; GPTQ stores ``W^T`` (``[in, out]``, see
 ``formats.gptq_layout``), which is why its ``matmul`` is ``dequant_matmul`` and its ``matmul_t`` is
@@ -16,7 +18,10 @@ Weights here are in the ``nn.Linear`` orientation, ``[out, in]``; GPTQ stores ``
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +33,9 @@ from sparsepack.kernels.dequant_matmul import dequant_matmul, dequant_matmul_t, 
 _FOLD_MIN_WORK = 0.25  # fold into a dense base once tokens * density >= this (spmm work ~ one pass over W)
 _FOLD_ALWAYS_ELEMENTS = 1 << 21  # ... or when W is this small: its copy costs less than spmm + spmm_t launches
 _FOLD_DTYPES = (torch.float32, torch.float64)
+# Held while a dense weight carries a fold in place, so that no other thread reads (or folds into) it meanwhile;
+# reentrant, and one for all weights (they may share storage, and training is single-threaded anyway).
+_IN_PLACE_LOCK = threading.RLock()
 
 # Sparse entries to fold: (row_idx int32 [E], col_idx int32 [E], values [E]) of S [out, in]; several adapters'
 # entries are simply concatenated (duplicates add up).
@@ -83,20 +91,43 @@ class DenseBase(BaseWeight):
         worth_it = tokens * nnz >= _FOLD_MIN_WORK * out_f * in_f or out_f * in_f <= _FOLD_ALWAYS_ELEMENTS
         return backend != "reference" and dtype in _FOLD_DTYPES and worth_it
 
-    def _effective(self, dtype: torch.dtype, fold: Fold | None) -> torch.Tensor:
+    @contextmanager
+    def _effective(self, dtype: torch.dtype, fold: Fold | None) -> Iterator[torch.Tensor]:
+        """``W + S`` in ``dtype`` for the duration of the block."""
         w = self.weight.detach()
         if fold is None:
-            return w.to(dtype)
+            yield w.to(dtype)
+            return
         rows, cols, vals = fold
-        w = w.to(dtype, copy=True)  # transient (out, in); the base itself is never modified
-        w.view(-1).index_add_(0, rows.long() * w.shape[1] + cols.long(), vals.detach().to(dtype))
-        return w
+        flat = rows.long() * w.shape[1] + cols.long()
+        vals = vals.detach().to(dtype)
+        if w.dtype != dtype or not w.is_contiguous() or w.is_inference() or self.weight.requires_grad:
+            w = w.to(dtype, copy=True, memory_format=torch.contiguous_format)  # transient (out, in)
+            w.view(-1).index_add_(0, flat, vals)
+            yield w
+            return
+        with _IN_PLACE_LOCK:
+            # an alias with its own version counter: W may be a view of one buffer holding other parameters (the
+            # loader's layout), which autograd saved for backward; the fold leaves W as it found it
+            view = torch.empty(0, dtype=w.dtype, device=w.device).set_(w.untyped_storage(), w.storage_offset(),
+                                                                       (w.numel(),), (1,))  # fmt: skip
+            # the originals (duplicate indices save the same value twice); index_select into a fresh buffer, since
+            # `view[flat]` made the index_add_ below 20x slower (measured, torch 2.13 CPU)
+            saved = torch.index_select(view, 0, flat, out=torch.empty(flat.shape, dtype=dtype))
+            view.index_add_(0, flat, vals)
+            try:
+                yield view.view(w.shape)
+            finally:
+                view.index_copy_(0, flat, saved)
 
     def matmul(self, x, backend, fold=None):
-        return self._add_bias(F.linear(x, self._effective(x.dtype, fold)))
+        with self._effective(x.dtype, fold) as w:
+            y = F.linear(x, w)
+        return self._add_bias(y)
 
     def matmul_t(self, dy, backend, fold=None):
-        return dy @ self._effective(dy.dtype, fold)
+        with self._effective(dy.dtype, fold) as w:
+            return dy @ w
 
 
 @dataclass(frozen=True, eq=False)
