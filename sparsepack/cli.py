@@ -15,6 +15,7 @@ import click
 
 from sparsepack import __version__
 from sparsepack.config import INIT_MODES
+from sparsepack.runtime.ort_ops import ADAPTER_OPS
 
 PIPELINE_HELP = """Compress, correct and ship Hugging Face causal LMs as one versioned pack.
 
@@ -281,7 +282,7 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Float type of the graph (onnx) or of the written weights (safetensors).")
 @click.option("--adapter-op", default="standard", show_default=True,
-              type=click.Choice(["standard", "custom", "custom-fp16"]),
+              type=click.Choice(ADAPTER_OPS),
               help="onnx, unfused adapters: standard ONNX ops (any onnxruntime), or one sparsepack "
                    "SparseLowRankDelta node per adapted layer (faster; a C library built with gcc on first use, "
                    "registered by sparsepack's runtime; fp32 graphs); custom-fp16 also stores the low-rank "

@@ -96,6 +96,16 @@ def test_library_is_built_once_per_source_and_cpu(cache, monkeypatch):
     assert ort_ops.library_path(cache) != lib  # -march=native code is not shared across CPUs
 
 
+def test_every_adapter_op_has_a_slot_layout_and_a_cli_choice():
+    from sparsepack.cli import main
+    from sparsepack.exporters.onnx_adapters import LAYOUTS
+
+    assert tuple(LAYOUTS) == ort_ops.ADAPTER_OPS and "standard" not in ort_ops.CUSTOM_ADAPTER_OPS
+    export = next(c for c in main.commands.values() if c.name == "export")
+    choice = next(p for p in export.params if p.name == "adapter_op").type
+    assert tuple(choice.choices) == ort_ops.ADAPTER_OPS
+
+
 def test_no_compiler_is_a_clear_error_before_anything_is_written(tmp_path, monkeypatch):
     import sparsepack.runtime.ort_ops as mod
 

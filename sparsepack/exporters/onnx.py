@@ -29,7 +29,6 @@ from torch import nn
 from sparsepack.exporters.matmulnbits import NBitsWeight, check_layer, rewrite_linears, scope_of, to_nbits
 from sparsepack.exporters.onnx_adapters import (
     ADAPTER_DIR,
-    ADAPTER_OPS,
     SUFFIX,
     AdapterSlotLinear,
     adapter_tensors,
@@ -49,6 +48,7 @@ from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.inject import set_submodule
 from sparsepack.layers.quantized_linear import QuantizedLinear
 from sparsepack.runtime.onnx_runtime import FORMAT, FORMAT_VERSION, METADATA_FILE, session_options
+from sparsepack.runtime.ort_ops import ADAPTER_OPS
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

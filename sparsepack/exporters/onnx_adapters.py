@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsepack.runtime.ort_ops import CUSTOM_ADAPTER_OPS
+
 # The five slot inputs of each adapter op ("standard": ONNX ops only, COO int64; "custom": sparsepack's op, CSR int32;
 # "custom-fp16": the same op with the low-rank factors stored in fp16)
 LAYOUTS = {"standard": ("lora_A", "lora_B", "values", "rows", "cols"),
-           "custom": ("lora_A", "lora_B", "values", "row_ptr", "col_idx")}  # fmt: skip
-LAYOUTS["custom-fp16"] = LAYOUTS["custom"]
-ADAPTER_OPS = tuple(LAYOUTS)
+           **dict.fromkeys(CUSTOM_ADAPTER_OPS, ("lora_A", "lora_B", "values", "row_ptr", "col_idx"))}  # fmt: skip
 ADAPTER_DIR = "adapters"
 SUFFIX = ".onnx_adapter"
 
@@ -96,9 +96,7 @@ def _custom_delta(x, A, B, values, row_ptr, col_idx):
 
 def is_custom(op: str | None) -> bool:
     """Whether adapter op ``op`` is sparsepack's ``SparseLowRankDelta`` (needs its library in every session)."""
-    from sparsepack.runtime.ort_ops import ADAPTER_OPS
-
-    return op in ADAPTER_OPS
+    return op in CUSTOM_ADAPTER_OPS
 
 
 def lowrank_dtype(op: str, dtype=np.float32):

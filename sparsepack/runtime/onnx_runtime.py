@@ -80,8 +80,8 @@ def read_export_metadata(root: Path) -> dict:
             raise MissingFileError(f"adapter {name!r} file is absent", path)
     from sparsepack.runtime.ort_ops import ADAPTER_OPS
 
-    if meta.get("adapter_op", "standard") not in ("standard", *ADAPTER_OPS):
-        raise bad("adapter_op", f"one of {', '.join(('standard', *ADAPTER_OPS))}")
+    if meta.get("adapter_op", "standard") not in ADAPTER_OPS:
+        raise bad("adapter_op", f"one of {', '.join(ADAPTER_OPS)}")
     for key in ("eos_token_id", "pad_token_id", "vocab_size"):
         if meta.get(key) is not None and (type(meta[key]) is not int or not 0 <= meta[key] < 2**31):
             raise bad(key, "a non-negative integer or null")
@@ -175,11 +175,11 @@ def session_options(adapter_op: str | None = None):
     """
     import onnxruntime as ort
 
-    from sparsepack.runtime.ort_ops import ADAPTER_OPS, register
+    from sparsepack.runtime.ort_ops import CUSTOM_ADAPTER_OPS, register
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if adapter_op in ADAPTER_OPS:
+    if adapter_op in CUSTOM_ADAPTER_OPS:
         register(opts)
     return opts
 

@@ -15,6 +15,7 @@ to a temporary name and renamed into place, so concurrent first uses are safe).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -26,7 +27,8 @@ from pathlib import Path
 DOMAIN = "sparsepack"
 OP = "SparseLowRankDelta"
 OP_VERSION = 1  # the opset version of DOMAIN in exported graphs
-ADAPTER_OPS = ("custom", "custom-fp16")  # the export's `adapter_op` values that run this op (fp32 / fp16 A, B)
+CUSTOM_ADAPTER_OPS = ("custom", "custom-fp16")  # the export's `adapter_op` values that run this op (fp32 / fp16 A, B)
+ADAPTER_OPS = ("standard", *CUSTOM_ADAPTER_OPS)  # every `--adapter-op` (standard: ONNX ops only, no library)
 SOURCE = Path(__file__).resolve().with_name("csrc") / "sp_ortops.c"  # absolute: it includes itself by __FILE__
 LIBRARY = "libsp_ortops.so"
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared")
@@ -61,10 +63,15 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+
+
 def _build_key(cc: str) -> str:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()):
+    parts = (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _compiler_version(cc).encode(), _cpu_signature().encode())
+    for part in parts:
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:16]
 
