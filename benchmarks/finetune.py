@@ -360,6 +360,12 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
          "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
                                  "--kl-weight", "0.5", "--warmup-steps", str(warmup), "--mask-samples", "8",
                                  "--steps", str(steps)]},
+        # run 17 with four times the teacher samples (at 480 steps each of 128 is reused 15 times)
+        {"label": "4-bit + RoSA low-rank residual init + KL on 512 teacher samples (--kl-data teacher "
+                  "--kl-samples 512)",
+         "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
+                                 "--kl-weight", "1", "--kl-samples", "512", "--warmup-steps", str(warmup),
+                                 "--mask-samples", "8", "--steps", str(steps)]},
     ]  # fmt: skip
 
 
