@@ -106,12 +106,17 @@ def _spmm_kernel(xT, values, row_ptr, col_idx, y, rows, accumulate) -> None:
 
 
 @numba.njit(**_JIT)
-def _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, accumulate):  # pragma: no cover - compiled
-    # out[i] (+)= sum over the tokens t of block b of dy[t, row_idx[i]] * x[t, col_idx[i]].  dy (T, out), x (T, in)
+def _sddmm_scratch(dy, x, tokens):  # pragma: no cover - compiled
+    # (out, tokens) and (in, tokens): one block's rows of dy and x, transposed
+    return np.empty((dy.shape[1], tokens), dtype=dy.dtype), np.empty((x.shape[1], tokens), dtype=x.dtype)
+
+
+@numba.njit(**_JIT)
+def _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, accumulate, dyb, xb):  # pragma: no cover - compiled
+    # out[i] (+)= sum over the tokens t of block b of dy[t, row_idx[i]] * x[t, col_idx[i]].  dy (T, out), x (T, in);
+    # dyb, xb: scratch from _sddmm_scratch
     t0 = b * tokens
     n = min(tokens, dy.shape[0] - t0)
-    dyb = np.empty((dy.shape[1], tokens), dtype=dy.dtype)  # (out, tokens): the block's rows of dy, transposed
-    xb = np.empty((x.shape[1], tokens), dtype=x.dtype)
     transpose_rows_into(dy, t0, n, dyb)
     transpose_rows_into(x, t0, n, xb)
     for i in range(out.shape[0]):
@@ -133,7 +138,8 @@ def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover -
     nb = _sddmm_blocks(dy, tokens)
     parts = np.empty((nb, out.shape[0]), dtype=out.dtype)
     for b in numba.prange(nb):
-        _sddmm_task(dy, x, row_idx, col_idx, parts[b], tokens, b, False)
+        dyb, xb = _sddmm_scratch(dy, x, tokens)
+        _sddmm_task(dy, x, row_idx, col_idx, parts[b], tokens, b, False, dyb, xb)
     out[:] = parts[0]
     for b in range(1, nb):  # block order, as the serial driver adds them
         for i in range(out.shape[0]):
@@ -142,8 +148,9 @@ def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover -
 
 @numba.njit(**_JIT)
 def _sddmm_serial(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
+    dyb, xb = _sddmm_scratch(dy, x, tokens)  # once: the blocks run one after another
     for b in range(_sddmm_blocks(dy, tokens)):
-        _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, b > 0)
+        _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, b > 0, dyb, xb)
 
 
 @numba.njit(**_JIT)
@@ -185,6 +192,11 @@ def _transposed(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return out
 
 
+def _contiguous(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``a`` as a C-contiguous numpy array in ``dtype`` (no copy when it already is one)."""
+    return a.detach().to(dtype).contiguous().numpy()
+
+
 def _int32(a: torch.Tensor) -> np.ndarray:
     return a.to(torch.int32).contiguous().numpy()
 
@@ -195,7 +207,7 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
     y = torch.empty(x.shape[0], n_out, dtype=dt)
     if x.shape[0] and n_out:
         match_torch_threads()
-        xT, v = _transposed(x, dt), values.detach().to(dt).contiguous().numpy()
+        xT, v = _transposed(x, dt), _contiguous(values, dt)
         _spmm_kernel(xT, v, _int32(row_ptr), _int32(col_idx), y.numpy(), _ROWS, False)
     return y.to(x.dtype)
 
@@ -239,14 +251,9 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
     if out.numel() and dy.shape[0]:
         match_torch_threads()
         kernel = _sddmm_parallel if parallel("sddmm", out.numel() * dy.shape[0]) else _sddmm_serial
-        kernel(_token_major(dy, dt), _token_major(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(),
+        kernel(_contiguous(dy, dt), _contiguous(x, dt), _int32(row_idx), _int32(col_idx), out.numpy(),
                _SDDMM_TOKENS)  # fmt: skip
     return out.to(dy.dtype)
-
-
-def _token_major(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """``a [T, F]`` as a C-contiguous numpy array in ``dtype`` (no copy when it already is one)."""
-    return a.detach().to(dtype).contiguous().numpy()
 
 
 @numba.njit(**_JIT)
