@@ -380,9 +380,13 @@ def test_autograd_without_adapter_parts_and_without_input_grad():
         ).shape == (4, 48)
 
 
-def test_multi_adapter_equals_sum_of_parts():
-    base, A, B, vals, sup = _layer("dense", dtype=torch.float32)
-    _, A2, B2, vals2, sup2 = _layer("dense", dtype=torch.float32, r=2, density=0.05, seed=1)
+@pytest.mark.parametrize("base_kind", ["dense", "gptq"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_multi_adapter_equals_sum_of_parts(base_kind, fold, monkeypatch):
+    # two supports folded at once: the dense base's flat offsets and the GPTQ base's by-input grouping concatenate
+    force_fold(monkeypatch, fold)
+    base, A, B, vals, sup = _layer(base_kind, dtype=torch.float32)
+    _, A2, B2, vals2, sup2 = _layer(base_kind, dtype=torch.float32, r=2, density=0.05, seed=1)
     lowrank = [LowRankPart(A, B, 0.5), LowRankPart(A2, B2, 2.0)]
     sparse = [SparsePart(vals, sup), SparsePart(vals2, sup2)]
     x = torch.randn(30, 64, requires_grad=True)
@@ -415,7 +419,7 @@ def test_dense_fold_in_place_restores_the_base_exactly(monkeypatch):
     for f, r in zip(fast, ref, strict=True):
         assert_close(f, r, torch.float32)
 
-    fold = (sup.row_idx, sup.col_idx, vals.detach())
+    fold = base_weight.SparseFold((sup,), (vals,))
     dense_s = torch.zeros(48, 64).index_put((sup.row_idx.long(), sup.col_idx.long()), vals.detach())
     with pytest.raises(RuntimeError, match="inside the fold"), base._effective(torch.float32, fold) as w:
         assert w.data_ptr() == base.weight.data_ptr() and w.shape == (48, 64)  # in place, no copy

@@ -143,21 +143,26 @@ def _chunk_rows(K: int, N: int) -> int:
 class Fold:
     """Sparse entries to add into ``W [K, N]`` while dequantizing: ``W[col, row] += value`` for ``S [N, K]``.
 
-    Entries are sorted by ``col`` (counting sort) so that each dequantized input row finds its own in
-    ``ptr[k]:ptr[k+1]``. Build one per call; it is O(nnz + K).
+    Entries are grouped by ``col`` (``ptr [K + 1]``) so that each dequantized input row finds its own in
+    ``ptr[k]:ptr[k+1]``. ``base_weight.SparseFold.by_input`` gives that layout from a support's cached transpose;
+    :meth:`from_coo` sorts unordered entries (O(nnz + K)).
     """
 
-    def __init__(self, row_idx: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, K: int, dtype):
+    def __init__(self, ptr: torch.Tensor, rows: torch.Tensor, values: torch.Tensor):
+        self.ptr = ptr.to(torch.int32).contiguous().numpy()
+        self.rows = rows.to(torch.int32).contiguous().numpy()
+        self.vals = values.detach().contiguous().numpy()
+
+    @staticmethod
+    def from_coo(row_idx: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, K: int, dtype) -> Fold:
         ptr, perm = coo_to_csc(row_idx, col_idx, K)
         perm_t = torch.from_numpy(perm).long()
-        self.ptr = ptr
-        self.rows = row_idx.to(torch.int32)[perm_t].contiguous().numpy()
-        self.vals = values.detach().to(dtype)[perm_t].contiguous().numpy()
+        return Fold(torch.from_numpy(ptr), row_idx[perm_t], values.detach().to(dtype)[perm_t])
 
     @staticmethod
     def empty(K: int, dtype) -> Fold:
-        e = torch.zeros(0, dtype=torch.int32)
-        return Fold(e, e, torch.zeros(0, dtype=dtype), K, dtype)
+        none = torch.zeros(0, dtype=torch.int32)
+        return Fold(torch.zeros(K + 1, dtype=torch.int32), none, torch.zeros(0, dtype=dtype))
 
 
 def dequantize_rows(qweight, zeros_f, scales_f, g_idx_np, bits, k0, out, fold: Fold) -> None:
@@ -174,7 +179,7 @@ def dequant_matmul(
     g_idx: torch.Tensor,
     bits: int,
     transpose: bool = False,
-    fold: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    fold: Fold | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``a [T, K] @ W -> [T, N]``, or with ``transpose`` ``a [T, N] @ W^T -> [T, K]``, chunk by chunk.
 
@@ -182,7 +187,8 @@ def dequant_matmul(
         a: 2-D activations (any float dtype; fp16/bf16 multiply in their own dtype after an fp32 dequant).
         qweight, qzeros, scales, g_idx, bits: the GPTQ-v1 tensors (see ``formats.gptq_layout``).
         transpose: compute the input-gradient product ``a @ W^T`` instead.
-        fold: optional ``(row_idx, col_idx, values)`` of a sparse ``S [N, K]`` to add as ``W + S^T``.
+        fold: optional sparse ``S [N, K]`` to add as ``W + S^T``: a :class:`Fold` in the dequantizing dtype
+            (fp64 for fp64 ``a``, else fp32), or ``(row_idx, col_idx, values)``.
     """
     K, N = g_idx.numel(), scales.shape[1]
     wdt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -196,7 +202,14 @@ def dequant_matmul(
         kernel = _gemv_parallel if parallel("gemv", a.shape[0] * K * N) else _gemv_serial
         kernel(a.to(wdt).contiguous().numpy(), qw, zeros_f.numpy(), scales_f.numpy(), g, bits, out.numpy())
         return out.to(a.dtype)
-    folded = Fold(*fold, K, wdt) if fold is not None else Fold.empty(K, wdt)
+    if fold is None:
+        folded = Fold.empty(K, wdt)
+    else:
+        folded = fold if isinstance(fold, Fold) else Fold.from_coo(*fold, K, wdt)
+        want = np.float64 if wdt == torch.float64 else np.float32
+        if folded.vals.dtype != want or folded.ptr.shape[0] != K + 1:
+            raise ValueError(f"fold has {folded.vals.dtype} values over {folded.ptr.shape[0] - 1} inputs, "
+                             f"expected {np.dtype(want)} over {K}")  # fmt: skip
     rows = _chunk_rows(K, N)
     buf = torch.empty(min(rows, K), N, dtype=wdt)  # (rows, N) reused across chunks
     out = torch.zeros(a.shape[0], K if transpose else N, dtype=a.dtype)

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sparsepack.kernels import _backend
-from sparsepack.kernels.base_weight import BaseWeight
+from sparsepack.kernels.base_weight import BaseWeight, SparseFold
 from sparsepack.kernels.sparse import CSRSupport, csr_row_indices, sddmm, spmm, spmm_reference
 
 
@@ -58,13 +58,11 @@ class _Plan:
     backend: str
 
 
-def _fold(plan: _Plan, values: Sequence[torch.Tensor]):
-    """Concatenated (rows, cols, values) of every sparse part, or None when they run as spmm."""
+def _fold(plan: _Plan, values: Sequence[torch.Tensor]) -> SparseFold | None:
+    """Every sparse part as one fold into the base's weight, or None when they run as spmm."""
     if not plan.folded or not plan.supports:
         return None
-    rows = torch.cat([s.row_idx for s in plan.supports])
-    cols = torch.cat([s.col_idx for s in plan.supports])
-    return rows, cols, torch.cat([v.detach() for v in values])
+    return SparseFold(plan.supports, tuple(values))
 
 
 def _forward(plan: _Plan, x2: torch.Tensor, As, Bs, values):

@@ -83,6 +83,11 @@ class CSRSupport:
         t = CSRSupport(col_ptr, self.row_idx[perm].contiguous(), self.col_idx[perm].contiguous(), self.shape[::-1])
         return t, perm
 
+    @functools.cached_property
+    def flat_idx(self) -> torch.Tensor:
+        """int64 ``[nnz]``: each entry's offset ``row * in + col`` in the row-major ``S``. Computed once."""
+        return self.row_idx.long() * self.shape[1] + self.col_idx.long()
+
     @property
     def nnz(self) -> int:
         return self.col_idx.numel()
