@@ -73,6 +73,7 @@ def use_driver(driver: str, monkeypatch) -> None:
     """Make the numba kernels take their ``parallel`` driver (two threads, any size) or the ``serial`` one."""
     if driver == "parallel":
         monkeypatch.setattr(_cpu_sparse, "_PARALLEL_MIN_NS", 0)
+        monkeypatch.setattr(_cpu_sparse, "_PARALLEL_MIN_NS_BY_KERNEL", {})
         torch.set_num_threads(2)  # the autouse fixture puts it back
 
 
@@ -528,13 +529,13 @@ def test_simd_transposes_are_exact(dtype, shape):
     xT = torch.empty(shape[1], shape[0], dtype=dtype)
     tr.transpose_into(x.numpy(), xT.numpy())
     assert torch.equal(xT, x.t())
-    T, R = shape  # write_back: y[t0 + t, r0 + r] (+)= acc[r, t] for the first R rows of acc [rows, T]
-    acc = torch.randn(R + 3, T, dtype=dtype)
+    T, R = shape  # write_back: y[t0 + t, r0 + r] (+)= acc[r, t] for the first R rows and T tokens of acc
+    acc = torch.randn(R + 3, T + 5, dtype=dtype)
     y = torch.randn(T + 4, R + 9, dtype=dtype)
     want_set, want_add = y.clone(), y.clone()
-    want_set[2 : 2 + T, 5 : 5 + R] = acc[:R].t()
-    want_add[2 : 2 + T, 5 : 5 + R] += acc[:R].t()
+    want_set[2 : 2 + T, 5 : 5 + R] = acc[:R, :T].t()
+    want_add[2 : 2 + T, 5 : 5 + R] += acc[:R, :T].t()
     got_set, got_add = y.clone(), y.clone()
-    tr.write_back(acc.numpy(), R, got_set.numpy(), 5, 2, False)
-    tr.write_back(acc.numpy(), R, got_add.numpy(), 5, 2, True)
+    tr.write_back(acc.numpy(), R, T, got_set.numpy(), 5, 2, False)
+    tr.write_back(acc.numpy(), R, T, got_add.numpy(), 5, 2, True)
     assert torch.equal(got_set, want_set) and torch.equal(got_add, want_add)

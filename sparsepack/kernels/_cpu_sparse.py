@@ -5,20 +5,20 @@ any density on a 1536x576 layer, the dense ``dy.T @ x`` + gather ~2.6 ms), and i
 shapes and slow for others. The kernels below do the arithmetic on token-contiguous rows so that the inner loop
 is a unit-stride vector loop:
 
-* ``x`` and ``dy`` arrive token-major (``[T, features]``); one transpose each (``[features, T]``: SIMD 8 x 8
-  blocks from ``_cpu_transpose``, or torch's copy fused with the cast to fp32 for other dtypes and layouts)
-  makes every gathered column a contiguous row of T values.
-* spmm walks CSR rows in blocks of ``_ROWS`` output rows and ``_TOKENS`` tokens: ``acc[r, :] += v * xT[c, :]``,
-  then writes the block back token-major (SIMD 8 x 8 transposes), so the output needs no separate transpose.
-  ``add_spmm_arrays_`` adds that block into an existing output instead (inference: the base's product, no
-  buffer and no extra pass), with the input's transpose in the same compiled call.
+* ``x`` and ``dy`` arrive token-major (``[T, features]``). Both ops walk the tokens in blocks of 64
+  (``_SPMM_TOKENS``, ``_SDDMM_TOKENS``): each block's rows are transposed (SIMD 8 x 8 blocks from
+  ``_cpu_transpose``) into small feature-major buffers that stay in L2, so every gathered column is a contiguous
+  row of 64 values. Blocks are the parallel tasks, so the transposes run in parallel too. Against transposing
+  whole inputs first (through memory, on one thread) and then T-long rows: sddmm 1536 x 576 at 0.6% and 512
+  tokens 1258 -> 480 us on one thread (Intel Xeon); spmm at 1% and 512 tokens 1031 -> 648 us on one thread and
+  561 -> 392 us on two (576 x 1536: 1225 -> 699 and 1157 -> 332 us).
+* spmm runs the CSR rows of ``S`` over the block, ``_ROWS`` output rows at a time into an accumulator
+  ``acc[r, :] += v * xb[c, :]``, and writes each accumulator back token-major (SIMD 8 x 8 transposes), so the
+  output needs no separate transpose. Blocks write disjoint token rows. ``add_spmm_arrays_`` adds into an
+  existing output instead (inference: the base's product, no buffer and no extra pass).
 * spmm_t is spmm with the transposed CSR (a stable counting sort, O(nnz + in)).
-* sddmm walks the tokens in blocks of ``_SDDMM_TOKENS``: it transposes the block's rows of ``dy`` and ``x`` into
-  two small feature-major buffers (they stay in L2), then takes one dot product of two block-long rows per
-  stored entry. Blocks run in parallel into per-block partial sums, added in block order (so serial and parallel
-  results are the same bits). Against transposing all of ``dy`` and ``x`` first and then one T-long dot product
-  per entry: 1536 x 576 at 0.6% and 512 tokens 1258 -> 480 us on one thread (Intel Xeon), since the full
-  transposes went through memory.
+* sddmm takes one dot product of two block-long rows per stored entry and block, into per-block partial sums
+  added in block order (so serial and parallel results are the same bits).
 
 Each parallel kernel is a per-task body with two drivers, ``*_parallel`` (``prange``) and ``*_serial``; a call
 takes the serial one when its estimated serial time is short (see ``parallel``), because waking numba's
@@ -36,15 +36,14 @@ import numpy as np
 import torch
 
 from sparsepack.kernels._backend import match_torch_threads
-from sparsepack.kernels._cpu_transpose import transpose_into, transpose_rows_into, write_back
+from sparsepack.kernels._cpu_transpose import transpose_rows_into, write_back
 from sparsepack.kernels.sparse import csr_row_indices
 
 _FASTMATH = {"reassoc", "contract"}
 _JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
-_ROWS = 16  # output rows per spmm task: one 64-byte line of fp32 outputs per token on write-back
-_TOKENS = 512  # tokens per spmm task: the accumulator block (_ROWS x _TOKENS fp32 = 32 KB) stays in L1/L2
+_ROWS = 16  # output rows per spmm accumulator: one 64-byte line of fp32 outputs per token on write-back
+_SPMM_TOKENS = 64  # tokens per spmm block: in x 64 fp32 transposed inputs, in L2 (32 and 128: slower)
 _SDDMM_TOKENS = 64  # tokens per sddmm block: (out + in) x 64 fp32 transposed values, in L2 (32 and 128: slower)
-_ADD_ROWS = 32  # rows per task of the in-place product at inference (128 tokens: 16 KB accumulator; measured)
 # Serial nanoseconds per unit of work (multiply-add, dequantized weight) of each kernel, measured here (AMD EPYC,
 # 2 cores), and the estimated serial time below which a call runs on the calling thread: starting numba's
 # workqueue threads costs 65-85 us per parallel call (they sleep in between), and with two cores the second
@@ -52,57 +51,70 @@ _ADD_ROWS = 32  # rows per task of the in-place product at inference (128 tokens
 # decode product 197 / 294 us, 4096 x 4096 4120 / 2170 us. sddmm (the token-blocked kernel, its transposes
 # included; Intel Xeon, 2 cores): 1536 x 576 at 0.6% and 512 tokens 480 us serial; its parallel driver was faster
 # alone (278 us) but slower inside a training step (sddmm 140 -> 159 ms per step), so such calls stay serial.
+# The token-blocked spmm splits into equal blocks that each transpose their own input, and its parallel driver won
+# from ~90 us of serial work up (Intel Xeon, 2 threads, a torch GEMM between calls: 576 x 576 at 1% and 128
+# tokens 77 -> 50 us, 1536 x 576 at 0.6% and 128 tokens 148 -> 80 us), so it has a lower threshold.
 _NS_PER_UNIT = {"spmm": 0.2, "sddmm": 0.18, "dequant": 0.18, "gemv": 0.22}
 _PARALLEL_MIN_NS = 500_000
+_PARALLEL_MIN_NS_BY_KERNEL = {"spmm": 100_000}
 
 
 def parallel(kernel: str, units: int) -> bool:
     """Whether a call of ``kernel`` doing ``units`` of work should take its parallel driver."""
-    return units * _NS_PER_UNIT[kernel] >= _PARALLEL_MIN_NS and torch.get_num_threads() > 1
+    floor = _PARALLEL_MIN_NS_BY_KERNEL.get(kernel, _PARALLEL_MIN_NS)
+    return units * _NS_PER_UNIT[kernel] >= floor and torch.get_num_threads() > 1
 
 
 @numba.njit(**_JIT)
-def _spmm_task(xT, values, row_ptr, col_idx, y, rows, accumulate, task):  # pragma: no cover - compiled
-    # Task `task` of spmm: y[t, r] (+)= sum_j values[j] * xT[col_idx[j], t] over j in row r, for a block of
-    # `rows` output rows and _TOKENS tokens.  xT (in, T), y (T, out)
-    T = xT.shape[1]
-    n_out = y.shape[1]
-    n_tb = (T + _TOKENS - 1) // _TOKENS
-    r0 = (task // n_tb) * rows
-    r1 = min(n_out, r0 + rows)
-    t0 = (task % n_tb) * _TOKENS
-    t1 = min(T, t0 + _TOKENS)
-    acc = np.zeros((rows, t1 - t0), dtype=y.dtype)  # (rows, tokens)
-    for r in range(r0, r1):
-        arow = acc[r - r0]
-        for j in range(row_ptr[r], row_ptr[r + 1]):
-            v = values[j]
-            xrow = xT[col_idx[j], t0:t1]  # slices keep the inner loop free of index wrap-around checks
-            for t in range(t1 - t0):
-                arow[t] += v * xrow[t]
-    write_back(acc, r1 - r0, y, r0, t0, accumulate)  # token-major, through 8 x 8 SIMD transposes
+def _blocks(a, tokens):  # pragma: no cover - compiled
+    return (a.shape[0] + tokens - 1) // tokens
 
 
 @numba.njit(**_JIT)
-def _spmm_tasks(xT, y, rows):  # pragma: no cover - compiled
-    return ((y.shape[1] + rows - 1) // rows) * ((xT.shape[1] + _TOKENS - 1) // _TOKENS)
+def _spmm_scratch(x, tokens, rows):  # pragma: no cover - compiled
+    # (in, tokens): one block's rows of x, transposed; (rows, tokens): the accumulator of `rows` outputs
+    return np.empty((x.shape[1], tokens), dtype=x.dtype), np.empty((rows, tokens), dtype=x.dtype)
+
+
+@numba.njit(**_JIT)
+def _spmm_task(x, values, row_ptr, col_idx, y, tokens, b, accumulate, xb, acc):  # pragma: no cover - compiled
+    # Block b of spmm: y[t, r] (+)= sum_j values[j] * x[t, col_idx[j]] over j in row r, for every output row r
+    # and the tokens t of block b.  x (T, in), y (T, out); xb, acc: scratch from _spmm_scratch
+    rows = acc.shape[0]
+    t0 = b * tokens
+    n = min(tokens, x.shape[0] - t0)
+    transpose_rows_into(x, t0, n, xb)
+    for r0 in range(0, y.shape[1], rows):
+        r1 = min(y.shape[1], r0 + rows)
+        for r in range(r0, r1):
+            arow = acc[r - r0]
+            for t in range(n):
+                arow[t] = 0.0
+            for j in range(row_ptr[r], row_ptr[r + 1]):
+                v = values[j]
+                xrow = xb[col_idx[j]]
+                for t in range(n):
+                    arow[t] += v * xrow[t]
+        write_back(acc, r1 - r0, n, y, r0, t0, accumulate)  # token-major, through 8 x 8 SIMD transposes
 
 
 @numba.njit(parallel=True, **_JIT)
-def _spmm_parallel(xT, values, row_ptr, col_idx, y, rows, accumulate):  # pragma: no cover - compiled
-    for task in numba.prange(_spmm_tasks(xT, y, rows)):
-        _spmm_task(xT, values, row_ptr, col_idx, y, rows, accumulate, task)
+def _spmm_parallel(x, values, row_ptr, col_idx, y, tokens, accumulate):  # pragma: no cover - compiled
+    for b in numba.prange(_blocks(x, tokens)):  # blocks write disjoint token rows of y
+        xb, acc = _spmm_scratch(x, tokens, _ROWS)
+        _spmm_task(x, values, row_ptr, col_idx, y, tokens, b, accumulate, xb, acc)
 
 
 @numba.njit(**_JIT)
-def _spmm_serial(xT, values, row_ptr, col_idx, y, rows, accumulate):  # pragma: no cover - compiled
-    for task in range(_spmm_tasks(xT, y, rows)):
-        _spmm_task(xT, values, row_ptr, col_idx, y, rows, accumulate, task)
+def _spmm_serial(x, values, row_ptr, col_idx, y, tokens, accumulate):  # pragma: no cover - compiled
+    xb, acc = _spmm_scratch(x, tokens, _ROWS)
+    for b in range(_blocks(x, tokens)):
+        _spmm_task(x, values, row_ptr, col_idx, y, tokens, b, accumulate, xb, acc)
 
 
-def _spmm_kernel(xT, values, row_ptr, col_idx, y, rows, accumulate) -> None:
-    kernel = _spmm_parallel if parallel("spmm", values.shape[0] * xT.shape[1]) else _spmm_serial
-    kernel(xT, values, row_ptr, col_idx, y, rows, accumulate)
+def _spmm_kernel(x, values, row_ptr, col_idx, y, accumulate) -> None:
+    kernel = _spmm_parallel if parallel("spmm", values.shape[0] * x.shape[0]) else _spmm_serial
+    kernel(x, values, row_ptr, col_idx, y, _SPMM_TOKENS, accumulate)
 
 
 @numba.njit(**_JIT)
@@ -128,14 +140,9 @@ def _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, accumulate, dyb, xb):  
         out[i] = out[i] + s if accumulate else s
 
 
-@numba.njit(**_JIT)
-def _sddmm_blocks(dy, tokens):  # pragma: no cover - compiled
-    return (dy.shape[0] + tokens - 1) // tokens
-
-
 @numba.njit(parallel=True, **_JIT)
 def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
-    nb = _sddmm_blocks(dy, tokens)
+    nb = _blocks(dy, tokens)
     parts = np.empty((nb, out.shape[0]), dtype=out.dtype)
     for b in numba.prange(nb):
         dyb, xb = _sddmm_scratch(dy, x, tokens)
@@ -149,7 +156,7 @@ def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover -
 @numba.njit(**_JIT)
 def _sddmm_serial(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
     dyb, xb = _sddmm_scratch(dy, x, tokens)  # once: the blocks run one after another
-    for b in range(_sddmm_blocks(dy, tokens)):
+    for b in range(_blocks(dy, tokens)):
         _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, b > 0, dyb, xb)
 
 
@@ -182,16 +189,6 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _transposed(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """``[T, F]`` -> contiguous ``[F, T]`` numpy array in ``dtype`` (one copy: transpose and cast fused)."""
-    out = np.empty((a.shape[1], a.shape[0]), dtype=np.float32 if dtype == torch.float32 else np.float64)
-    if a.dtype == dtype and a.is_contiguous():
-        transpose_into(a.detach().numpy(), out)  # SIMD blocks: 4-5x faster than torch's transposing copy
-    else:
-        torch.from_numpy(out).copy_(a.detach().t())  # (F, T); cast fused into the copy
-    return out
-
-
 def _contiguous(a: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """``a`` as a C-contiguous numpy array in ``dtype`` (no copy when it already is one)."""
     return a.detach().to(dtype).contiguous().numpy()
@@ -207,21 +204,8 @@ def spmm(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
     y = torch.empty(x.shape[0], n_out, dtype=dt)
     if x.shape[0] and n_out:
         match_torch_threads()
-        xT, v = _transposed(x, dt), _contiguous(values, dt)
-        _spmm_kernel(xT, v, _int32(row_ptr), _int32(col_idx), y.numpy(), _ROWS, False)
+        _spmm_kernel(_contiguous(x, dt), _contiguous(values, dt), _int32(row_ptr), _int32(col_idx), y.numpy(), False)
     return y.to(x.dtype)
-
-
-@numba.njit(**_JIT)
-def _add_spmm(x, values, row_ptr, col_idx, y, rows, par):  # pragma: no cover - compiled
-    # y (T, out) += x (T, in) @ S^T: the transpose and the product in one call (one dispatch, no buffer handed
-    # across the Python boundary)
-    xT = np.empty((x.shape[1], x.shape[0]), dtype=x.dtype)  # (in, T)
-    transpose_into(x, xT)
-    if par:
-        _spmm_parallel(xT, values, row_ptr, col_idx, y, rows, True)
-    else:
-        _spmm_serial(xT, values, row_ptr, col_idx, y, rows, True)
 
 
 def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: np.ndarray,
@@ -233,7 +217,7 @@ def add_spmm_arrays_(x: np.ndarray, y: np.ndarray, values: np.ndarray, row_ptr: 
         raise ValueError(f"add_spmm_arrays_: x and y must be C-contiguous, got strides {x.strides} and {y.strides}")
     if x.shape[0] and y.shape[1]:
         match_torch_threads()
-        _add_spmm(x, values, row_ptr, col_idx, y, _ADD_ROWS, parallel("spmm", values.shape[0] * x.shape[0]))
+        _spmm_kernel(x, values, row_ptr, col_idx, y, True)
 
 
 def spmm_t(dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int):

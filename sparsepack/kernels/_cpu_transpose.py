@@ -117,9 +117,8 @@ def transpose_rows_into(x, t0, n, xT):  # pragma: no cover - compiled
 
 
 @numba.njit(**_JIT)
-def write_back(acc, R, y, r0, t0, accumulate):  # pragma: no cover - compiled
-    # y[t0 + t, r0 + r] (+)= acc[r, t] for the first R rows of the block acc (rows, tokens).  y (T, out)
-    T = acc.shape[1]
+def write_back(acc, R, T, y, r0, t0, accumulate):  # pragma: no cover - compiled
+    # y[t0 + t, r0 + r] (+)= acc[r, t] for the first R rows and T tokens of the block acc (rows, >= T).  y (T, out)
     R8, T8 = R - R % _B, T - T % _B
     for t in range(0, T8, _B):
         for r in range(0, R8, _B):
