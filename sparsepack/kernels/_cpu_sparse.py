@@ -10,8 +10,9 @@ is a unit-stride vector loop:
   ``_cpu_transpose``) into small feature-major buffers that stay in L2, so every gathered column is a contiguous
   row of 64 values. Blocks are the parallel tasks, so the transposes run in parallel too. Against transposing
   whole inputs first (through memory, on one thread) and then T-long rows: sddmm 1536 x 576 at 0.6% and 512
-  tokens 1258 -> 480 us on one thread (Intel Xeon); spmm at 1% and 512 tokens 1031 -> 648 us on one thread and
-  561 -> 392 us on two (576 x 1536: 1225 -> 699 and 1157 -> 332 us).
+  tokens 1258 -> 480 us on one thread (Intel Xeon); spmm at 1% and 512 tokens (``benchmarks/kernels.py``, min
+  of 15) 1536 x 576 0.96 -> 0.87 ms on one thread and 0.63 -> 0.43 ms on two, 576 x 1536 1.26 -> 0.76 and
+  1.06 -> 0.44 ms.
 * spmm runs the CSR rows of ``S`` over the block, ``_ROWS`` output rows at a time into an accumulator
   ``acc[r, :] += v * xb[c, :]``, and writes each accumulator back token-major (SIMD 8 x 8 transposes), so the
   output needs no separate transpose. Blocks write disjoint token rows. ``add_spmm_arrays_`` adds into an
