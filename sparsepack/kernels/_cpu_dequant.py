@@ -4,7 +4,10 @@ A fused dequant-GEMM cannot beat MKL/oneDNN's GEMM at hundreds of tokens on CPU,
 ``_chunk_rows(K, N)`` input rows of ``W [K, N]`` into one reused fp32 buffer (a single parallel pass over the
 packed words), then ``y += x[:, k0:k1] @ W[k0:k1]``. Peak extra memory is one chunk (at most
 ``_CHUNK_ELEMENTS`` floats), never a dense copy of the layer. Rows are read through ``g_idx``, so monotone and
-act-order layouts take the same path.
+act-order layouts take the same path. A layer that fits one chunk (every SmolLM2 layer) is one ``x @ W`` into a
+fresh output, without the zero-fill and add; its dequantization runs on all threads from ~50 us of serial work
+(4-bit w4g64 at 512 tokens, 2 threads, Intel Xeon: 1.33x / 1.31x / 1.39x the fp32 matmul's time ->
+1.16x / 1.16x / 1.23x on the three SmolLM2 shapes).
 
 The same pass can add a sparse matrix into the chunk (``fold``): ``W[k, n] += S[n, k]``, which is how the
 autograd layer gets ``x @ (W + S^T)`` for the price of the dequantization it does anyway.
@@ -212,6 +215,10 @@ def dequant_matmul(
                              f"expected {np.dtype(want)} over {K}")  # fmt: skip
     rows = _chunk_rows(K, N)
     buf = torch.empty(min(rows, K), N, dtype=wdt)  # (rows, N) reused across chunks
+    if rows >= K:  # one chunk (every SmolLM2 layer): the GEMM writes the output itself, no zero-fill and add
+        dequantize_rows(qw, zeros_f.numpy(), scales_f.numpy(), g, bits, 0, buf.numpy(), folded)
+        w = buf if a.dtype == wdt else buf.to(a.dtype)  # (K, N)
+        return a @ w.t() if transpose else a @ w
     out = torch.zeros(a.shape[0], K if transpose else N, dtype=a.dtype)
     for k0 in range(0, K, rows):
         k1 = min(K, k0 + rows)

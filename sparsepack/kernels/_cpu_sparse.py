@@ -52,12 +52,13 @@ _SDDMM_TOKENS = 64  # tokens per sddmm block: (out + in) x 64 fp32 transposed va
 # decode product 197 / 294 us, 4096 x 4096 4120 / 2170 us. sddmm (the token-blocked kernel, its transposes
 # included; Intel Xeon, 2 cores): 1536 x 576 at 0.6% and 512 tokens 480 us serial; its parallel driver was faster
 # alone (278 us) but slower inside a training step (sddmm 140 -> 159 ms per step), so such calls stay serial.
-# The token-blocked spmm splits into equal blocks that each transpose their own input, and its parallel driver won
-# from ~90 us of serial work up (Intel Xeon, 2 threads, a torch GEMM between calls: 576 x 576 at 1% and 128
-# tokens 77 -> 50 us, 1536 x 576 at 0.6% and 128 tokens 148 -> 80 us), so it has a lower threshold.
+# Two kernels split into equal, independent tasks and won with their parallel driver from ~90 us of serial work
+# up (Intel Xeon, 2 threads, a torch GEMM between calls), so they have a lower threshold: the token-blocked spmm
+# (576 x 576 at 1% and 128 tokens 77 -> 50 us, 1536 x 576 at 0.6% and 128 tokens 148 -> 80 us) and the
+# dequantization of a chunk of rows (4-bit 576 x 1536 259 -> 74 us, 576 x 576 93 -> 30 us).
 _NS_PER_UNIT = {"spmm": 0.2, "sddmm": 0.18, "dequant": 0.18, "gemv": 0.22}
 _PARALLEL_MIN_NS = 500_000
-_PARALLEL_MIN_NS_BY_KERNEL = {"spmm": 100_000}
+_PARALLEL_MIN_NS_BY_KERNEL = {"spmm": 100_000, "dequant": 50_000}
 
 
 def parallel(kernel: str, units: int) -> bool:
