@@ -340,26 +340,28 @@ def quality_runs(pack: str, model_dir: str, steps: int, warmup: int, seed: int =
         {"label": "4-bit + RoSA whitened residual init (--init residual-whitened --kl-weight 0)", "base": pack,
          "train": [*rosa, "--teacher", model_dir, "--init", "residual-whitened", "--kl-weight", "0",
                    "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
-        # the KL term on samples drawn from the teacher instead of the training batches (data-free distillation)
+        # the KL term on samples drawn from the teacher instead of the training batches (data-free distillation);
+        # these runs pin --kl-samples 128, the default when they ran (now it depends on the run's length)
         *({"label": f"4-bit + RoSA low-rank residual init + KL on teacher samples (--kl-data teacher --kl-weight {kl})",
            "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
-                                   "--kl-weight", kl, "--warmup-steps", str(warmup), "--mask-samples", "8",
-                                   "--steps", str(steps)]}
+                                   "--kl-weight", kl, "--kl-samples", "128", "--warmup-steps", str(warmup),
+                                   "--mask-samples", "8", "--steps", str(steps)]}
           for kl in ("1", "0.25", "2", "4")),
         {"label": "4-bit + RoSA whitened residual init + KL on teacher samples (--init residual-whitened --kl-data "
                   "teacher --kl-weight 1)", "base": pack,
          "train": [*rosa, "--teacher", model_dir, "--init", "residual-whitened", "--kl-data", "teacher", "--kl-weight",
-                   "1", "--warmup-steps", str(warmup), "--mask-samples", "8", "--steps", str(steps)]},
+                   "1", "--kl-samples", "128", "--warmup-steps", str(warmup), "--mask-samples", "8",
+                   "--steps", str(steps)]},
         # RoSA <= LoRA at equal budget, both with the defaults of --teacher (run 17 is the RoSA side)
         {"label": f"4-bit + LoRA r={Q_RANK_LORA} low-rank residual init + KL on teacher samples (--kl-data teacher "
                   "--kl-weight 1)", "base": pack,
          "train": [*lora, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
-                   "--kl-weight", "1"]},
+                   "--kl-weight", "1", "--kl-samples", "128"]},
         # run 17 at half the KL weight (appended, so that the indices above stay the commands' --q-only numbers)
         {"label": "4-bit + RoSA low-rank residual init + KL on teacher samples (--kl-data teacher --kl-weight 0.5)",
          "base": pack, "train": [*rosa, "--teacher", model_dir, "--init", "residual-lowrank", "--kl-data", "teacher",
-                                 "--kl-weight", "0.5", "--warmup-steps", str(warmup), "--mask-samples", "8",
-                                 "--steps", str(steps)]},
+                                 "--kl-weight", "0.5", "--kl-samples", "128", "--warmup-steps", str(warmup),
+                                 "--mask-samples", "8", "--steps", str(steps)]},
         # run 17 with four times the teacher samples (at 480 steps each of 128 is reused 15 times)
         {"label": "4-bit + RoSA low-rank residual init + KL on 512 teacher samples (--kl-data teacher "
                   "--kl-samples 512)",

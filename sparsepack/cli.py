@@ -163,9 +163,11 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
                    "general text, not only on --data; each training micro-batch adds one micro-batch of them, about "
                    "1.7x the step time); 'batch': the training batches themselves (no extra passes); or a SOURCE "
                    "(any --data kind).")
-@click.option("--kl-samples", default=128, show_default=True, type=click.IntRange(1),
+@click.option("--kl-samples", default=None, type=click.IntRange(1),
               help="--kl-data teacher: sequences of --seqlen tokens sampled from the teacher (temperature 1, seeded "
-                   "by --seed), kept with the checkpoints for --resume.")
+                   "by --seed), kept with the checkpoints for --resume. Default: a quarter of the sequences the run "
+                   "reads (one per training micro-batch), between 128 and 512 (on the sample, 512 beat 128 at 480 "
+                   "steps of batch 4).")
 @click.option("--init", default="auto", show_default=True, type=click.Choice(list(INIT_MODES)),
               help="Correction start: zero (B = 0, S = 0); residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "

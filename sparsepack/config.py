@@ -125,7 +125,8 @@ class TrainConfig:
     kl_data: str | None = None  # the KL term's data: "teacher" (samples drawn from the teacher), "batch" (the
     # training batches themselves) or a SOURCE; None (auto) = teacher: on the sample it gained on general text at
     # no cost on the training text (BENCHMARKS.md "Finetune"), where the training batches traded one for the other
-    kl_samples: int = 128  # --kl-data teacher: sequences of seqlen tokens sampled from the teacher
+    kl_samples: int | None = None  # --kl-data teacher: sequences of seqlen tokens sampled from the teacher; None
+    # (auto): a quarter of the teacher sequences the run reads, within [128, 512] (pipeline.finetune.kl_sample_count)
     init: str = "auto"  # correction start: zero; residual (S and A/B from W_fp - W_q; needs a teacher);
     # residual-lowrank (A/B from an SVD of W_fp - W_q, S by the method's own rule); residual-whitened (as
     # residual-lowrank, fitted to the output error on the teacher's inputs over init_samples examples); auto
@@ -156,7 +157,7 @@ class TrainConfig:
             raise ValueError(f"--kl-weight must be >= 0, got {self.kl_weight}")
         if self.kl_data not in (None, "batch") and (not self.teacher or self.kl_weight == 0):  # would go unused
             raise ValueError("--kl-data feeds the KL-to-teacher term: it needs --teacher and --kl-weight > 0")
-        if self.kl_samples < 1:
+        if self.kl_samples is not None and self.kl_samples < 1:
             raise ValueError(f"--kl-samples must be >= 1, got {self.kl_samples}")
 
     @property

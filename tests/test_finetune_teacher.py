@@ -296,6 +296,21 @@ def test_teacher_samples_are_seeded_full_length_and_leave_the_rng_alone(env):
     assert len({tuple(r.tolist()) for r in a}) == 5  # sampled, not greedy: the rows differ
 
 
+def test_kl_sample_count_defaults_to_a_quarter_of_the_reads_within_bounds(env):
+    from sparsepack.pipeline.finetune import kl_sample_count
+
+    # reads = (main steps + warm-up) * batch * grad-accum: the benchmark's 480-step runs read 1920 -> 480 samples
+    assert kl_sample_count(cfg_for(env, steps=464, warmup_steps=16, batch_size=4, grad_accum=1), 10) == 480
+    assert kl_sample_count(cfg_for(env, steps=144, warmup_steps=16, batch_size=4, grad_accum=1), 10) == 160
+    assert kl_sample_count(cfg_for(env, steps=3), 10) == 128  # short runs: the floor
+    assert kl_sample_count(cfg_for(env, steps=1000, batch_size=4, grad_accum=8), 10) == 512  # the cap
+    # --epochs: steps from the examples (2 epochs of 300 examples at 2 x 1 per step = 300 steps, + 1 warm-up)
+    assert kl_sample_count(cfg_for(env, steps=None, epochs=2.0), 300) == (300 + 1) * 2 // 4
+    assert kl_sample_count(cfg_for(env, kl_samples=7), 10) == 7  # given: as is
+    with pytest.raises(ValueError, match="--kl-samples"):
+        cfg_for(env, kl_samples=0)
+
+
 def test_teacher_must_match_the_pack(env, tmp_path):
     with pytest.raises(TeacherMismatchError, match="intermediate_size"):
         finetune(env / "pack", tmp_path / "o", cfg_for(env, teacher=str(env / "other")), progress=False)

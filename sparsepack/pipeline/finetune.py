@@ -102,11 +102,28 @@ def teacher_samples(teacher: torch.nn.Module, tokenizer, n: int, seqlen: int, se
     return torch.cat(rows)
 
 
-def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir: Path,
+# --kl-samples auto: about four reads per sample, within these bounds. Measured on the sample (BENCHMARKS.md,
+# Finetune, Quality): 128 samples at 160 steps (640 reads); at 480 steps (1920 reads) 512 samples beat 128 on both
+# texts at both seeds tried. Sampling 512 took about a fifth of such a run's time (19 of ~100 minutes here).
+KL_SAMPLES_MIN, KL_SAMPLES_MAX, KL_READS_PER_SAMPLE = 128, 512, 4
+
+
+def kl_sample_count(cfg: TrainConfig, n_examples: int) -> int:
+    """``--kl-samples``, or (auto) a quarter of the teacher sequences the run reads (one per training micro-batch,
+    warm-up included) within ``[KL_SAMPLES_MIN, KL_SAMPLES_MAX]``."""
+    from sparsepack.pipeline.trainer import main_steps
+
+    if cfg.kl_samples is not None:
+        return cfg.kl_samples
+    reads = (main_steps(cfg, n_examples) + cfg.warmup_steps) * cfg.batch_size * cfg.grad_accum
+    return min(KL_SAMPLES_MAX, max(KL_SAMPLES_MIN, reads // KL_READS_PER_SAMPLE))
+
+
+def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir: Path, n_examples: int,
                 progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """The examples of the KL term's own data (``--kl-data``): a SOURCE read like ``--data``, or ``teacher``:
-    ``--kl-samples`` sequences sampled from the teacher, saved in ``ckpt_dir`` so that a resumed run reads the
-    same ones instead of sampling again."""
+    :func:`kl_sample_count` sequences sampled from the teacher, saved in ``ckpt_dir`` so that a resumed run reads
+    the same ones instead of sampling again. ``n_examples``: the training examples (for ``--epochs``)."""
     from safetensors.torch import load_file, save_file
 
     from sparsepack.pipeline.data import completion_examples
@@ -115,8 +132,9 @@ def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir:
         return completion_examples(tokenizer, cfg.kl_source, cfg.seqlen)
     path = ckpt_dir / KL_SAMPLES_FILE
     ids = load_file(str(path))["input_ids"] if path.is_file() else None
-    if ids is None or tuple(ids.shape) != (cfg.kl_samples, cfg.seqlen):
-        ids = teacher_samples(teacher, tokenizer, cfg.kl_samples, cfg.seqlen, cfg.seed, progress=progress)
+    n = kl_sample_count(cfg, n_examples)
+    if ids is None or tuple(ids.shape) != (n, cfg.seqlen):
+        ids = teacher_samples(teacher, tokenizer, n, cfg.seqlen, cfg.seed, progress=progress)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"input_ids": ids.contiguous()}, str(tmp))
         os.replace(tmp, path)
@@ -166,7 +184,7 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
 
         teacher = load_teacher(cfg.teacher, cfg.device)
         check_teacher(model, teacher, find_targets(model, cfg.target), Path(cfg.teacher))
-    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, progress) if cfg.kl_source else None  # implies a teacher
+    kl = kl_examples(cfg, tokenizer, teacher, ckpt_dir, len(examples), progress) if cfg.kl_source else None
     trainer = Trainer(model, tokenizer, cfg, examples, ckpt_dir, progress=progress, eval_windows=eval_windows,
                       teacher=teacher, kl_examples=kl)  # fmt: skip
     trainer.setup()

@@ -58,6 +58,11 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics rows
 
 
+def main_steps(cfg: TrainConfig, n_examples: int) -> int:
+    """Optimizer steps of the main training phase: ``--steps``, or ``--epochs`` passes over ``n_examples``."""
+    return cfg.steps or max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
+
+
 def plan_phases(preset: Preset, cfg: TrainConfig, steps: int) -> list[Phase]:
     """A residual initialization that takes the support from ``W_fp - W_q`` (at setup) has no warm-up, and its
     selection phase only hands the sparse values to the optimizer."""
@@ -117,9 +122,7 @@ class Trainer:
         self.batcher = Batcher(examples, cfg.batch_size, pad, cfg.seed)
         # --kl-data: the KL term reads its own batches (own order, own cursor), one per training micro-batch
         self.kl_batcher = Batcher(kl_examples, cfg.batch_size, pad, cfg.seed + 1) if kl_examples else None
-        per_step = cfg.batch_size * cfg.grad_accum
-        steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
-        self.phases = plan_phases(self.preset, cfg, steps)
+        self.phases = plan_phases(self.preset, cfg, main_steps(cfg, len(examples)))
         self.state = TrainState()
         self.layers: dict[str, SparseLowRankLinear] = {}
         self.budgets = {}
