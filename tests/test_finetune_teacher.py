@@ -302,6 +302,8 @@ def test_kl_sample_count_defaults_to_a_quarter_of_the_reads_within_bounds(env):
     # reads = (main steps + warm-up) * batch * grad-accum: the benchmark's 480-step runs read 1920 -> 480 samples
     assert kl_sample_count(cfg_for(env, steps=464, warmup_steps=16, batch_size=4, grad_accum=1), 10) == 480
     assert kl_sample_count(cfg_for(env, steps=144, warmup_steps=16, batch_size=4, grad_accum=1), 10) == 160
+    lora = cfg_for(env, method="lora", steps=464, warmup_steps=16, batch_size=4, grad_accum=1)
+    assert kl_sample_count(lora, 10) == 464  # no warm-up phase: only the steps the run takes count
     assert kl_sample_count(cfg_for(env, steps=3), 10) == 128  # short runs: the floor
     assert kl_sample_count(cfg_for(env, steps=1000, batch_size=4, grad_accum=8), 10) == 512  # the cap
     # --epochs: steps from the examples (2 epochs of 300 examples at 2 x 1 per step = 300 steps, + 1 warm-up)

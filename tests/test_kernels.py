@@ -527,7 +527,7 @@ def test_simd_transposes_are_exact(dtype, shape):
     tr = kernel_module("_cpu_transpose")
     x = torch.randn(*shape, dtype=dtype)
     xT = torch.empty(shape[1], shape[0], dtype=dtype)
-    tr.transpose_into(x.numpy(), xT.numpy())
+    tr.transpose_rows_into(x.numpy(), 0, shape[0], xT.numpy())
     assert torch.equal(xT, x.t())
     T, R = shape  # write_back: y[t0 + t, r0 + r] (+)= acc[r, t] for the first R rows and T tokens of acc
     acc = torch.randn(R + 3, T + 5, dtype=dtype)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sparsepack.kernels._backend import match_torch_threads
-from sparsepack.kernels._cpu_sparse import _JIT, coo_to_csc, parallel
+from sparsepack.kernels._cpu_sparse import _JIT, parallel
 
 _CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per chunk: whole SmolLM2/7B-attention layers in one or a few chunks
 _GEMV_MAX_TOKENS = 4  # up to this many tokens the fused kernel beats dequantize-then-GEMM
@@ -147,20 +147,13 @@ class Fold:
     """Sparse entries to add into ``W [K, N]`` while dequantizing: ``W[col, row] += value`` for ``S [N, K]``.
 
     Entries are grouped by ``col`` (``ptr [K + 1]``) so that each dequantized input row finds its own in
-    ``ptr[k]:ptr[k+1]``. ``base_weight.SparseFold.by_input`` gives that layout from a support's cached transpose;
-    :meth:`from_coo` sorts unordered entries (O(nnz + K)).
+    ``ptr[k]:ptr[k+1]``; ``base_weight.SparseFold.by_input`` gives that layout (from a support's cached transpose).
     """
 
     def __init__(self, ptr: torch.Tensor, rows: torch.Tensor, values: torch.Tensor):
         self.ptr = ptr.to(torch.int32).contiguous().numpy()
         self.rows = rows.to(torch.int32).contiguous().numpy()
         self.vals = values.detach().contiguous().numpy()
-
-    @staticmethod
-    def from_coo(row_idx: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, K: int, dtype) -> Fold:
-        ptr, perm = coo_to_csc(row_idx, col_idx, K)
-        perm_t = torch.from_numpy(perm).long()
-        return Fold(torch.from_numpy(ptr), row_idx[perm_t], values.detach().to(dtype)[perm_t])
 
     @staticmethod
     def empty(K: int, dtype) -> Fold:
@@ -182,7 +175,7 @@ def dequant_matmul(
     g_idx: torch.Tensor,
     bits: int,
     transpose: bool = False,
-    fold: Fold | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    fold: Fold | None = None,
 ) -> torch.Tensor:
     """``a [T, K] @ W -> [T, N]``, or with ``transpose`` ``a [T, N] @ W^T -> [T, K]``, chunk by chunk.
 
@@ -191,7 +184,7 @@ def dequant_matmul(
         qweight, qzeros, scales, g_idx, bits: the GPTQ-v1 tensors (see ``formats.gptq_layout``).
         transpose: compute the input-gradient product ``a @ W^T`` instead.
         fold: optional sparse ``S [N, K]`` to add as ``W + S^T``: a :class:`Fold` in the dequantizing dtype
-            (fp64 for fp64 ``a``, else fp32), or ``(row_idx, col_idx, values)``.
+            (fp64 for fp64 ``a``, else fp32).
     """
     K, N = g_idx.numel(), scales.shape[1]
     wdt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -205,25 +198,23 @@ def dequant_matmul(
         kernel = _gemv_parallel if parallel("gemv", a.shape[0] * K * N) else _gemv_serial
         kernel(a.to(wdt).contiguous().numpy(), qw, zeros_f.numpy(), scales_f.numpy(), g, bits, out.numpy())
         return out.to(a.dtype)
+    want = np.float64 if wdt == torch.float64 else np.float32
     if fold is None:
-        folded = Fold.empty(K, wdt)
-    else:
-        folded = fold if isinstance(fold, Fold) else Fold.from_coo(*fold, K, wdt)
-        want = np.float64 if wdt == torch.float64 else np.float32
-        if folded.vals.dtype != want or folded.ptr.shape[0] != K + 1:
-            raise ValueError(f"fold has {folded.vals.dtype} values over {folded.ptr.shape[0] - 1} inputs, "
-                             f"expected {np.dtype(want)} over {K}")  # fmt: skip
+        fold = Fold.empty(K, wdt)
+    elif fold.vals.dtype != want or fold.ptr.shape[0] != K + 1:
+        raise ValueError(f"fold has {fold.vals.dtype} values over {fold.ptr.shape[0] - 1} inputs, "
+                         f"expected {np.dtype(want)} over {K}")  # fmt: skip
     rows = _chunk_rows(K, N)
     buf = torch.empty(min(rows, K), N, dtype=wdt)  # (rows, N) reused across chunks
     if rows >= K:  # one chunk (every SmolLM2 layer): the GEMM writes the output itself, no zero-fill and add
-        dequantize_rows(qw, zeros_f.numpy(), scales_f.numpy(), g, bits, 0, buf.numpy(), folded)
+        dequantize_rows(qw, zeros_f.numpy(), scales_f.numpy(), g, bits, 0, buf.numpy(), fold)
         w = buf if a.dtype == wdt else buf.to(a.dtype)  # (K, N)
         return a @ w.t() if transpose else a @ w
     out = torch.zeros(a.shape[0], K if transpose else N, dtype=a.dtype)
     for k0 in range(0, K, rows):
         k1 = min(K, k0 + rows)
         chunk = buf[: k1 - k0]
-        dequantize_rows(qw, zeros_f.numpy(), scales_f.numpy(), g, bits, k0, chunk.numpy(), folded)
+        dequantize_rows(qw, zeros_f.numpy(), scales_f.numpy(), g, bits, k0, chunk.numpy(), fold)
         w = chunk if a.dtype == wdt else chunk.to(a.dtype)  # (k1 - k0, N)
         if transpose:
             out[:, k0:k1] = a @ w.t()  # (T, k1 - k0)

@@ -92,12 +92,6 @@ tr8_add = intrinsic(_typer(add=True))
 
 
 @numba.njit(**_JIT)
-def transpose_into(x, xT):  # pragma: no cover - compiled
-    # xT[k, t] = x[t, k].  x (T, K), xT (K, T), both C-contiguous, one dtype.
-    transpose_rows_into(x, 0, x.shape[0], xT)
-
-
-@numba.njit(**_JIT)
 def transpose_rows_into(x, t0, n, xT):  # pragma: no cover - compiled
     # xT[k, t] = x[t0 + t, k] for t < n: rows t0 .. t0 + n of x into the first n columns of xT.  x (T, K),
     # xT (K, >= n), both C-contiguous, one dtype.  Feature blocks outside, tokens inside: each block fills eight

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sparsepack.kernels import _backend
 from sparsepack.kernels.dequant_matmul import dequant_matmul, dequant_matmul_t, dequantize_reference
-from sparsepack.kernels.sparse import CSRSupport
+from sparsepack.kernels.sparse import CSRSupport, group_by_column
 
 _FOLD_MIN_WORK = 0.25  # fold into a dense base once tokens * density >= this (spmm work ~ one pass over W)
 _FOLD_ALWAYS_ELEMENTS = 1 << 21  # ... or when W is this small: its copy costs less than spmm + spmm_t launches
@@ -37,7 +37,6 @@ _FOLD_DTYPES = (torch.float32, torch.float64)
 # Held while a dense weight carries a fold in place, so that no other thread reads (or folds into) it meanwhile;
 # reentrant, and one for all weights (they may share storage, and training is single-threaded anyway).
 _IN_PLACE_LOCK = threading.RLock()
-
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,12 +68,8 @@ class SparseFold:
             t, perm = self.supports[0].transpose
             # index_select, not [perm]: 8 against 23 us for 5k entries (torch 2.13 CPU)
             return t.row_ptr, t.col_idx, torch.index_select(self.values[0].detach().to(dtype), 0, perm)
-        rows = torch.cat([s.row_idx for s in self.supports])
-        cols = torch.cat([s.col_idx for s in self.supports])
-        order = torch.argsort(cols, stable=True)
-        ptr = torch.zeros(self.supports[0].shape[1] + 1, dtype=torch.int32)
-        ptr[1:] = torch.cumsum(torch.bincount(cols.long(), minlength=self.supports[0].shape[1]), 0)
-        return ptr, rows[order], self.flat_values(dtype)[order]
+        ptr, perm = group_by_column(torch.cat([s.col_idx for s in self.supports]), self.supports[0].shape[1])
+        return ptr, torch.cat([s.row_idx for s in self.supports])[perm], self.flat_values(dtype)[perm]
 
 
 class BaseWeight(ABC):

@@ -43,6 +43,15 @@ def csr_row_indices(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
     return torch.repeat_interleave(rows, counts, output_size=nnz)
 
 
+def group_by_column(col_idx: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(col_ptr int32 [n_cols + 1], perm [nnz])``: a stable sort of entries by column; entry ``k`` of the sorted
+    order is entry ``perm[k]``, and column ``c``'s entries are ``col_ptr[c]:col_ptr[c + 1]`` of it."""
+    perm = torch.argsort(col_idx, stable=True)
+    col_ptr = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_idx.device)
+    col_ptr[1:] = torch.cumsum(torch.bincount(col_idx.long(), minlength=n_cols), 0)
+    return col_ptr, perm
+
+
 @dataclass(frozen=True, eq=False)
 class CSRSupport:
     """The fixed sparsity pattern of one ``S [out, in]``; values live beside it as a trainable ``[nnz]``."""
@@ -76,10 +85,7 @@ class CSRSupport:
         ``dy @ S`` is then ``spmm(dy, values[perm], <S^T support>)``: how the autograd layer runs ``spmm_t``
         without re-sorting a fixed support on every backward.
         """
-        perm = torch.argsort(self.col_idx, stable=True)  # rows stay sorted within each column
-        counts = torch.bincount(self.col_idx.long(), minlength=self.shape[1])
-        col_ptr = torch.zeros(self.shape[1] + 1, dtype=torch.int32, device=self.col_idx.device)
-        col_ptr[1:] = torch.cumsum(counts, 0)
+        col_ptr, perm = group_by_column(self.col_idx, self.shape[1])  # rows stay sorted within each column
         t = CSRSupport(col_ptr, self.row_idx[perm].contiguous(), self.col_idx[perm].contiguous(), self.shape[::-1])
         return t, perm
 

@@ -23,8 +23,9 @@ from sparsepack.formats.adapter_layout import Adapter, write_adapter
 from sparsepack.formats.errors import OutputExistsError
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, StageRecord
 from sparsepack.formats.pack import Pack, record_files, staged_dir
+from sparsepack.methods.presets import PRESETS
 from sparsepack.pipeline import checkpoint as ckpt
-from sparsepack.pipeline.trainer import Trainer
+from sparsepack.pipeline.trainer import Trainer, main_steps, plan_phases
 
 
 @dataclass
@@ -110,13 +111,12 @@ KL_SAMPLES_MIN, KL_SAMPLES_MAX, KL_READS_PER_SAMPLE = 128, 512, 4
 
 
 def kl_sample_count(cfg: TrainConfig, n_examples: int) -> int:
-    """``--kl-samples``, or (auto) a quarter of the teacher sequences the run reads (one per training micro-batch,
-    warm-up included) within ``[KL_SAMPLES_MIN, KL_SAMPLES_MAX]``."""
-    from sparsepack.pipeline.trainer import main_steps
-
+    """``--kl-samples``, or (auto) a quarter of the teacher sequences the run reads (one per training micro-batch
+    of every phase) within ``[KL_SAMPLES_MIN, KL_SAMPLES_MAX]``."""
     if cfg.kl_samples is not None:
         return cfg.kl_samples
-    reads = (main_steps(cfg, n_examples) + cfg.warmup_steps) * cfg.batch_size * cfg.grad_accum
+    steps = sum(p.steps for p in plan_phases(PRESETS.get(cfg.method), cfg, main_steps(cfg, n_examples)))
+    reads = steps * cfg.batch_size * cfg.grad_accum
     return min(KL_SAMPLES_MAX, max(KL_SAMPLES_MIN, reads // KL_READS_PER_SAMPLE))
 
 
