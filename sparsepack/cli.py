@@ -29,6 +29,10 @@ stdlib:pydoc (Python's own docs); add @train or @eval for a deterministic 90/10 
 """
 
 
+# the deletion rule (docs/RELIABILITY.md): only a directory carrying a sparsepack marker is ever replaced
+OVERWRITE_HELP = "Replace an existing output that sparsepack wrote (atomically); anything else is refused."
+
+
 def _fail_cleanly(fn):
     """Turn expected errors (bad files, bad data, bad flags) into one clear line and exit code 1."""
 
@@ -97,7 +101,7 @@ def main() -> None:
                    "auto: bfloat16 on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else float32.")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Write a markdown report (and a PNG plot of per-layer error beside it).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing pack at --output (atomically).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report: Path | None, bits: str,
@@ -183,11 +187,12 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 @click.option("--eval-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between evaluations.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(0), help="Steps between checkpoints.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
-              help="Where checkpoints go (default: OUTPUT.ckpt beside the output).")
+              help="Where checkpoints go (default: OUTPUT.ckpt beside the output): a new or empty directory, or "
+                   "one holding only sparsepack checkpoints; removed after a successful run.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint (same settings required).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing pack at --output (atomically).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_dir: Path | None, as_json: bool,
@@ -234,7 +239,7 @@ def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_di
 @click.option("--eval-windows", default=16, show_default=True, type=click.IntRange(0),
               help="Windows per adapter in the perplexity report (0: no report).")
 @click.option("--eval-seqlen", default=256, show_default=True, type=click.IntRange(2), help="Tokens per eval window.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float, ...], mode: str, dtype: str,
@@ -293,7 +298,7 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
               help="peft: one LoRA of at most RANK per module from an SVD of low-rank + sparse (error reported).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Compare onnxruntime against PyTorch; fail (writing nothing) on a mismatch.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output (atomically).")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @_fail_cleanly
 def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bool, kv_cache: bool, opset: int | None,

@@ -37,9 +37,10 @@ import torch
 
 from sparsepack.config import QuantConfig
 from sparsepack.formats import errors
-from sparsepack.formats import pack as pack_mod
+from sparsepack.formats import staging as pack_mod
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest
-from sparsepack.formats.pack import clean_stale_siblings, read_pack, staged_dir, stale_siblings, write_pack
+from sparsepack.formats.pack import read_pack, write_pack
+from sparsepack.formats.staging import clean_stale_siblings, staged_dir, stale_siblings
 from sparsepack.pipeline.compress import compress
 from tests.factories import random_adapter, rtn_pack, save_hf, tiny_llama
 
@@ -204,8 +205,8 @@ def _fault(target: str, when: str = "before", nth: int = 1, **kw) -> dict:
 
 
 SHARDS_SAVE = "sparsepack.formats.shards:_write_shard"
-FSYNC_TREE = "sparsepack.formats.pack:_fsync_tree"
-EXCHANGE = "sparsepack.formats.pack:_rename_exchange"
+FSYNC_TREE = "sparsepack.formats.staging:fsync_tree"
+EXCHANGE = "sparsepack.formats.staging:_rename_exchange"
 
 SCENARIOS = [
     Scenario("two-writers-no-overwrite", "compress", False, (Kill(), Kill()), must_die=False),  # first: a real race
@@ -442,7 +443,7 @@ def _dead_pid() -> int:
 
 
 def _sibling(out: Path, tag: str, pid: int, host: str | None = None, suffix: str = "abcd1234") -> Path:
-    d = out.parent / f".{out.name}.{tag}-{pid}@{host or pack_mod._host()}-{suffix}"
+    d = out.parent / f".{out.name}.{tag}-{pid}@{host or pack_mod.host()}-{suffix}"
     d.mkdir()
     (d / "partial.safetensors").write_bytes(b"\0" * 10)
     return d
@@ -501,7 +502,7 @@ def test_replacing_never_leaves_the_path_empty(tmp_path, monkeypatch):
 
 def test_written_pack_is_as_readable_as_any_new_directory(tmp_path):
     write_pack(tmp_path / "pack", Manifest(), lambda d: (d / "a.txt").write_text("1"))
-    umask = pack_mod._umask()
+    umask = pack_mod.umask()
     assert (tmp_path / "pack").stat().st_mode & 0o777 == 0o777 & ~umask  # mkdtemp alone gives 0700
 
 

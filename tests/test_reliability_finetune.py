@@ -30,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparsepack.formats import pack as pack_mod
+from sparsepack.formats import staging as pack_mod
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest
 from sparsepack.formats.pack import read_pack
 from sparsepack.pipeline import checkpoint as ckpt
@@ -39,8 +39,8 @@ from tests.test_reliability_crash import Kill, Ran, _fault, run_and_kill
 
 SAVE = "sparsepack.pipeline.checkpoint:save_file"  # inside a checkpoint save, in its staging directory
 STEP = "sparsepack.pipeline.trainer:Trainer._train_step"
-FSYNC_TREE = "sparsepack.formats.pack:_fsync_tree"  # a staged directory complete, not yet renamed
-POINTER = "sparsepack.pipeline.checkpoint:_fsync_dir"  # just after `latest` was replaced
+FSYNC_TREE = "sparsepack.formats.staging:fsync_tree"  # a staged directory complete, not yet renamed
+POINTER = "sparsepack.pipeline.checkpoint:_point_latest"  # just after `latest` was replaced
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_next_save_removes_dead_savers_staging_of_any_step(tmp_path):
     directory.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = pack_mod._host()
+    host = pack_mod.host()
     stale = directory / f".step-0000100.tmp-{dead.pid}@{host}-abcd1234"
     live = directory / f".step-0000100.tmp-{os.getppid()}@{host}-live1234"  # a running process: left alone
     for d in (stale, live):
@@ -204,7 +204,7 @@ SWEEP_KILLS = [
     FtKill("output-complete-not-renamed", Kill(faults=(_fault(FSYNC_TREE, "after", nth=4),)), True),
     FtKill(
         "output-just-exchanged",
-        Kill(faults=(_fault("sparsepack.formats.pack:_rename_exchange", "after"),)),
+        Kill(faults=(_fault("sparsepack.formats.staging:_rename_exchange", "after"),)),
         True,
     ),  # fmt: skip
     FtKill(

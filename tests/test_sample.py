@@ -55,12 +55,18 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert sample.default_cache_dir() == tmp_path
 
 
-def test_move_into_place_replaces_an_existing_folder(tmp_path):
-    old, new = tmp_path / "model", tmp_path / ".model.tmp"
+def test_an_outdated_prepared_folder_is_replaced(tmp_path, monkeypatch):
+    old = tmp_path / sample.SAMPLE_DIRNAME
     old.mkdir()
     (old / "stale").write_text("old")
-    new.mkdir()
-    (new / "fresh").write_text("new")
-    sample._move_into_place(new, old)
-    assert [p.name for p in old.iterdir()] == ["fresh"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    (old / sample.MARKER).write_text('{"version": 0}')  # ours, from an earlier layout: replaced
+    monkeypatch.setattr(sample, "find_sample_gguf", lambda: tmp_path / "x.gguf")
+
+    def convert(_gguf, out):
+        (out / "config.json").write_text("{}")
+        return {"version": sample.MARKER_VERSION}
+
+    monkeypatch.setattr(sample, "_convert", convert)
+    assert sample.prepare_sample_model(tmp_path) == old
+    assert sorted(p.name for p in old.iterdir()) == ["config.json", sample.MARKER]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sample.SAMPLE_DIRNAME]

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from sparsepack.formats.adapter_layout import Adapter, AdapterModule, write_adapter
-from sparsepack.formats.errors import OutputExistsError
 from sparsepack.formats.manifest import StageRecord
-from sparsepack.formats.pack import read_pack, staged_dir
+from sparsepack.formats.pack import read_pack
+from sparsepack.formats.staging import check_output, staged_dir
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.methods.residual import svd_factors
 
@@ -39,8 +39,7 @@ def _check(pack: Path, out: Path, adapter: str | None, overwrite: bool):
     if adapter is not None and adapter not in info.adapters:
         have = ", ".join(sorted(info.adapters)) or "none"
         raise UnknownAdapterError(f"unknown adapter {adapter!r} (pack has: {have})")
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
+    check_output(out, overwrite, inputs=[pack])
     return info
 
 
@@ -90,7 +89,7 @@ def export_peft(pack: str | Path, out: str | Path, adapter: str, lora_approx: in
             raise NoLowRankError(f"adapter {adapter!r} has no low-rank part; pass --lora-approx RANK to turn the "
                                  "sparse part into a LoRA")  # fmt: skip
         meta = {"source_adapter": adapter, "sparse_dropped_nnz": dropped_nnz}
-        with staged_dir(out, overwrite) as tmp:
+        with staged_dir(out, overwrite, inputs=[pack]) as tmp:
             write_adapter(tmp, Adapter(lowrank, method="lora", meta=meta), base_model=base_model)
         summary.update(sparse_dropped_nnz=dropped_nnz, lora_approx=None)
     else:
@@ -103,7 +102,7 @@ def export_peft(pack: str | Path, out: str | Path, adapter: str, lora_approx: in
             errors[name] = math.sqrt(err2 / tot2) if tot2 > 0 else 0.0
             err2_sum, tot2_sum = err2_sum + err2, tot2_sum + tot2
         meta = {"source_adapter": adapter, "lora_approx": lora_approx, "relative_error": errors}
-        with staged_dir(out, overwrite) as tmp:
+        with staged_dir(out, overwrite, inputs=[pack]) as tmp:
             write_adapter(tmp, Adapter(modules, method="lora", meta=meta), base_model=base_model)
         summary.update(
             lora_approx=lora_approx, sparse_dropped_nnz=0,

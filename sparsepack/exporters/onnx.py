@@ -42,8 +42,8 @@ from sparsepack.exporters.onnx_adapters import (
     write_adapter,
 )
 from sparsepack.exporters.validate import raise_worst, validate_kv, validate_logits
-from sparsepack.formats.errors import OutputExistsError
-from sparsepack.formats.pack import read_pack, staged_dir
+from sparsepack.formats.pack import read_pack
+from sparsepack.formats.staging import check_output, staged_dir
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.inject import set_submodule
 from sparsepack.layers.quantized_linear import QuantizedLinear
@@ -343,8 +343,7 @@ def export_onnx(
     pack_path, out_dir = Path(pack), Path(out_dir)
     info = read_pack(pack_path, verify=True, check_config=True)
     check_request(info, adapters, merge, dtype, adapter_op)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError("output exists (pass --overwrite to replace it)", out_dir)
+    check_output(out_dir, overwrite, inputs=[pack_path])
     merged = adapters[0] if merge else None
     unfused = () if merge else adapters
     model = load(pack_path, adapter=merged)
@@ -379,7 +378,7 @@ def export_onnx(
                                **{k: meta[k] for k in ("kv_cache", "dtype", "opset", "merged_adapter", "adapter_op")},
                                "matmulnbits_layers": len(rewritten), "nodes": len(proto.graph.node),
                                "tied_embedding_shared": tied}  # fmt: skip
-    with staged_dir(out_dir, overwrite) as tmp:
+    with staged_dir(out_dir, overwrite, inputs=[pack_path]) as tmp:
         save_model(proto, tmp)
         del proto
         copy_tokenizer_files(pack_path, tmp)

@@ -61,6 +61,14 @@ class OutputExistsError(FormatError):
     """The output directory exists and overwriting was not requested."""
 
 
+class ForeignOutputError(OutputExistsError):
+    """The output path exists but carries no sparsepack marker: it is not ours to replace or delete."""
+
+
+class OutputOverlapsInputError(FormatError):
+    """The output (or checkpoint) path is, holds, or lies inside one of the command's own inputs."""
+
+
 class WriteError(FormatError):
     """Writing an output failed with an OS error (disk full, permissions, I/O); the output path is unchanged."""
 

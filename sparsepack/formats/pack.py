@@ -1,24 +1,16 @@
 """Write and read pack directories (format v1; spec in docs/FORMAT.md).
 
-Writing is atomic: everything goes into a temporary sibling directory that is renamed into place only when
-complete, so a crash or an error never leaves a partial pack at the output path, and an existing pack is
-replaced only when asked. Reading validates before anything large is allocated: manifest, file sizes and
-hashes, safetensors headers, tensor shapes/dtypes against the model config, adapter indices.
+Writing is atomic (``staging.py``: a temporary sibling renamed into place when complete; an existing output is
+replaced only when asked and only when this tool wrote it). Reading validates before anything large is
+allocated: manifest, file sizes and hashes, safetensors headers, tensor shapes/dtypes against the model config,
+adapter indices.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import json
 import os
-import re
-import shutil
-import socket
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +23,13 @@ from sparsepack.formats.errors import (
     HashMismatchError,
     ManifestError,
     MissingFileError,
-    OutputExistsError,
     ShapeError,
     UnsafeFileError,
     UnsafePathError,
-    WriteError,
 )
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, sha256_file
 from sparsepack.formats.safetensors_check import TensorInfo, read_header, read_tensor_bytes
+from sparsepack.formats.staging import staged_dir, stale_siblings
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INT_DTYPE = {"qweight": "I32", "qzeros": "I32", "g_idx": "I32"}
@@ -46,167 +37,6 @@ FLOAT_DTYPES = ("F16", "BF16", "F32")
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``out``; on success rename it to ``out``, on failure delete it.
-
-    The sibling is named ``.NAME.tmp-PID@HOST-XXXXXXXX``. A writer killed outright (kill -9, power loss) cannot
-    delete it; the next write to the same ``out`` does (:func:`clean_stale_siblings`). An existing ``out`` is
-    replaced by an atomic exchange where the OS offers one (Linux ``renameat2``), so no moment exists at which
-    ``out`` is missing; elsewhere by two renames.
-
-    Raises:
-        OutputExistsError: ``out`` exists and ``overwrite`` is False (checked before and at the rename, so
-            of two concurrent writers one wins and the other fails cleanly).
-        WriteError: the body failed with an OS error (disk full, permissions, I/O); nothing changed at ``out``.
-    """
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_siblings(out)  # first: it may put back a previous output that a dead writer had moved aside
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
-    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a pack is as readable as any new directory
-        if out.exists():
-            if not overwrite:
-                raise OutputExistsError("output appeared while writing (another writer?)", out)
-            if _rename_exchange(tmp, out):
-                shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous output
-            else:
-                old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
-                os.rename(out, old / "x")
-                os.rename(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, out)
-            except OSError as e:  # ENOTEMPTY/EEXIST: someone else renamed into place first
-                raise OutputExistsError(f"output appeared while writing ({e.strerror})", out) from None
-        _fsync_dir(out.parent)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        detail = _io_failure(e)
-        if detail is not None:
-            raise WriteError(f"writing failed ({detail}); the output path was left as it was", out) from e
-        raise
-
-
-def _io_failure(e: BaseException) -> str | None:
-    """A one-line description when ``e`` is an OS-level write failure (as OSError or as safetensors reports it)."""
-    if isinstance(e, OSError) and not isinstance(e, FormatError):
-        code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
-        return f"{code}: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-    if type(e).__name__ == "SafetensorError" and "os error" in str(e):  # save_file wraps the OSError
-        return str(e)
-    return None
-
-
-def _sibling_prefix(out: Path, tag: str) -> str:
-    return f".{out.name}.{tag}-{os.getpid()}@{_host()}-"
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
-
-
-_SIBLING_RE = re.compile(r"^\.(?P<name>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)-[a-z0-9_]{8}$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_stale_siblings(out: Path) -> list[Path]:
-    """Delete temporary siblings of ``out`` whose writer is dead; returns what was deleted.
-
-    Only siblings made on this host by a process id that no longer runs are touched: a live writer's (here or on
-    another host sharing the filesystem) are left alone, and so is anything not named by :func:`staged_dir`.
-    """
-    removed = []
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        return removed
-    for path in sorted(out.parent.iterdir()):
-        m = _SIBLING_RE.match(path.name)
-        if not m or m["name"] != out.name or m["host"] != _host() or int(m["pid"]) == os.getpid():
-            continue
-        if _pid_alive(int(m["pid"])) or not path.is_dir() or path.is_symlink():
-            continue
-        if m["tag"] == "old" and not os.path.lexists(out) and (path / "x").is_dir():
-            os.rename(path / "x", out)  # the writer died between its two renames: put the previous output back
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def stale_siblings(out: Path) -> list[Path]:
-    """Temporary siblings of ``out`` (``.NAME.tmp-*``, ``.NAME.old-*``) left by writers, dead or alive."""
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        return []
-    return sorted(p for p in out.parent.iterdir() if (m := _SIBLING_RE.match(p.name)) and m["name"] == out.name)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Swap ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc < 2.28, musl
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem without RENAME_EXCHANGE
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _umask() -> int:
-    try:  # read, not set: os.umask() would change it for every thread for a moment
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def record_files(root: Path, manifest: Manifest) -> None:
@@ -220,11 +50,13 @@ def record_files(root: Path, manifest: Manifest) -> None:
     manifest.files = files
 
 
-def write_pack(
-    out: Path, manifest: Manifest, populate: Callable[[Path], None], overwrite: bool = False
-) -> Path:
-    """Write a pack atomically: ``populate(tmpdir)`` writes the files, then hashes and the manifest go in."""
-    with staged_dir(out, overwrite) as tmp:
+def write_pack(out: Path, manifest: Manifest, populate: Callable[[Path], None], overwrite: bool = False,
+               inputs: Iterable[Path | str | None] = ()) -> Path:  # fmt: skip
+    """Write a pack atomically: ``populate(tmpdir)`` writes the files, then hashes and the manifest go in.
+
+    ``inputs``: the paths the command read, which the output must not overlap (:func:`staging.check_output`).
+    """
+    with staged_dir(out, overwrite, inputs) as tmp:
         populate(tmp)
         record_files(tmp, manifest)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")

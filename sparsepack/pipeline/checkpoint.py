@@ -36,18 +36,31 @@ from safetensors.torch import load_file, save_file
 from sparsepack.formats.errors import (
     CheckpointError,
     CheckpointMismatchError,
+    ForeignOutputError,
     MissingFileError,
     OutputBusyError,
+    OutputOverlapsInputError,
     SafetensorsHeaderError,
 )
 from sparsepack.formats.manifest import sha256_file
-from sparsepack.formats.pack import _SIBLING_RE, _fsync_dir, check_links, clean_stale_siblings, staged_dir
+from sparsepack.formats.pack import check_links
 from sparsepack.formats.safetensors_check import read_header
+from sparsepack.formats.staging import (
+    SIBLING_RE,
+    clean_stale_siblings,
+    overlaps,
+    replace_file,
+    staged_dir,
+    stale_file_tmp,
+)
 
 KEEP = 2  # complete checkpoints kept
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
 LOCK_FILE = ".lock"
+DIR_MARKER = "sparsepack_checkpoints.json"  # marks a directory as ours to fill and delete (formats.staging)
+KL_SAMPLES_FILE = "kl_samples.safetensors"  # --kl-data teacher: the sampled ids, kept beside the checkpoints
+METRICS_FILE = "metrics.jsonl"
 MAX_STATE_JSON = 64 << 20  # bytes: far above any real state.json (one scalar per trained tensor)
 _STEP_RE = re.compile(r"^step-\d{7,}$")
 IGNORED_SETTINGS = ("device", "save_every")  # may change between a run and its resume
@@ -64,7 +77,7 @@ def clean_stale_saves(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    names = {m["name"] for p in directory.iterdir() if (m := _SIBLING_RE.match(p.name))}
+    names = {m["name"] for p in directory.iterdir() if (m := SIBLING_RE.match(p.name))}
     removed = []
     for name in sorted(names):
         removed += clean_stale_siblings(directory / name)
@@ -81,32 +94,57 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
         files = {STATE_TENSORS: {"sha256": sha256_file(tmp / STATE_TENSORS),
                                  "bytes": (tmp / STATE_TENSORS).stat().st_size}}  # fmt: skip
         (tmp / STATE_JSON).write_text(json.dumps({**meta, "files": files}, indent=2))
-    _replace_text(directory / "latest", target.name)
+    _point_latest(directory, target.name)
     done = sorted(p for p in directory.glob("step-*") if p.is_dir() and _STEP_RE.match(p.name))
     for old in done[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    for p in [*directory.glob("latest.tmp*"), *directory.glob("metrics.jsonl.tmp*")]:  # of killed writers
-        if not p.name.endswith(".tmp") and not _pid_alive_suffix(p.name):
+    for p in [*directory.glob("latest.tmp-*"), *directory.glob(f"{METRICS_FILE}.tmp-*")]:  # of killed writers
+        if stale_file_tmp(p.name):
             p.unlink(missing_ok=True)
     return target
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically and durably: a temp file named for this process, fsynced, renamed over it."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _point_latest(directory: Path, name: str) -> None:
+    replace_file(directory / "latest", name)  # only once the checkpoint it names is complete and in place
 
 
-def _pid_alive_suffix(name: str) -> bool:
-    from sparsepack.formats.pack import _pid_alive
+# ------------------------------------------------------------------------------------------------ the directory
 
-    pid = name.rsplit("-", 1)[-1]
-    return pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))
+
+def _is_own_entry(name: str) -> bool:
+    """A name this module (or the finetune run it serves) writes into a checkpoint directory."""
+    fixed = (LOCK_FILE, DIR_MARKER, "latest", METRICS_FILE, KL_SAMPLES_FILE)
+    tmps = ("latest.tmp-", f"{METRICS_FILE}.tmp-", f"{KL_SAMPLES_FILE}.tmp")
+    return name in fixed or name.startswith(tmps) or bool(_STEP_RE.match(name) or SIBLING_RE.match(name))
+
+
+def claim(directory: Path, inputs: list[Path | str | None] = ()) -> Path:
+    """Make ``directory`` this run's checkpoint directory: new, empty, or one that holds only checkpoint files.
+
+    It then carries :data:`DIR_MARKER`. Anything else (a pack, a data folder, a user's notes) is refused, so that
+    :func:`clear` and :func:`remove` can never delete what this tool did not write.
+
+    Raises:
+        OutputOverlapsInputError: ``directory`` is, holds or lies inside one of ``inputs`` (the pack, the output...).
+        ForeignOutputError: it exists and holds files that are not checkpoints, or is not a directory.
+    """
+    directory = Path(directory).absolute()
+    for src in inputs:
+        if src is not None and overlaps(directory, Path(src)):
+            raise OutputOverlapsInputError(f"--checkpoint-dir overlaps {src}; choose a directory of its own",
+                                           directory)  # fmt: skip
+    if os.path.lexists(directory):
+        if directory.is_symlink() or not directory.is_dir():
+            raise ForeignOutputError("--checkpoint-dir exists and is not a directory", directory)
+        foreign = sorted(p.name for p in directory.iterdir() if not _is_own_entry(p.name))
+        if foreign:
+            raise ForeignOutputError(f"--checkpoint-dir holds files that are not sparsepack checkpoints (e.g. "
+                                     f"{foreign[0]!r}); refusing to use it: choose an empty or new directory",
+                                     directory)  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / DIR_MARKER).is_file():
+        replace_file(directory / DIR_MARKER, json.dumps({"format": "sparsepack-checkpoints", "version": 1}) + "\n")
+    return directory
 
 
 @contextlib.contextmanager
@@ -152,14 +190,28 @@ def exclusive(directory: Path) -> Iterator[Path]:
 
 
 def clear(directory: Path) -> None:
-    """Delete everything in ``directory`` but its lock: a fresh run must not mix in an earlier run's files."""
+    """Delete the checkpoint files in ``directory`` (not its lock or marker, never a name this module does not
+    write): a fresh run must not mix in an earlier run's files."""
     for p in Path(directory).iterdir():
-        if p.name == LOCK_FILE:
+        if p.name in (LOCK_FILE, DIR_MARKER) or not _is_own_entry(p.name):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def remove(directory: Path) -> None:
+    """Delete a checkpoint directory after its run: its checkpoint files, then the directory itself if nothing
+    else is left in it (a file someone put there since is kept, and so is the directory)."""
+    directory = Path(directory)
+    if not (directory / DIR_MARKER).is_file():
+        return
+    clear(directory)
+    for name in (DIR_MARKER, LOCK_FILE):
+        (directory / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -177,7 +229,15 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
-    _replace_text(path, "".join(f"{line}\n" for line in kept))
+    replace_file(path, "".join(f"{line}\n" for line in kept))
+
+
+def latest_checkpoint_name(directory: Path) -> str | None:
+    """What ``DIR/latest`` names, unchecked (None when there is no pointer)."""
+    try:
+        return (Path(directory) / "latest").read_text(encoding="utf-8", errors="replace").strip() or None
+    except OSError:
+        return None
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

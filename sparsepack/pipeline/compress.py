@@ -34,6 +34,7 @@ from sparsepack.formats import gptq_layout
 from sparsepack.formats.manifest import Manifest, StageRecord
 from sparsepack.formats.pack import read_pack, write_pack
 from sparsepack.formats.shards import ShardWriter
+from sparsepack.formats.staging import check_output
 from sparsepack.layers.skeleton import empty_model, materialize_buffers
 from sparsepack.pipeline import gptq
 from sparsepack.pipeline.blocks import (
@@ -45,6 +46,7 @@ from sparsepack.pipeline.blocks import (
     run_block,
 )
 from sparsepack.pipeline.blocks import sequential_groups as discover_groups
+from sparsepack.pipeline.data import source_path
 from sparsepack.runtime.loader import load_tensors
 from sparsepack.runtime.tokenizer import copy_tokenizer_files, load_tokenizer
 
@@ -286,6 +288,8 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
              progress: bool = True, report: str | Path | None = None) -> CompressResult:  # fmt: skip
     """Quantize the HF model at ``model_dir`` into a pack at ``out`` (atomic: nothing at ``out`` on failure)."""
     start = time.perf_counter()
+    read_paths = [model_dir, source_path(cfg.calib)]
+    check_output(Path(out), overwrite, read_paths)  # before any work: an hour of quantization must not end refused
     device = torch.device(cfg.device)
     if device.type == "cpu":
         _mmap_large_allocations()
@@ -377,7 +381,7 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
         quantization={**cfg.gptq_config(), "method": cfg.method},
         history=[StageRecord("compress", args=cfg.to_dict())],
     )  # fmt: skip
-    write_pack(out, manifest, populate, overwrite=overwrite)
+    write_pack(out, manifest, populate, overwrite=overwrite, inputs=read_paths)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -181,7 +181,7 @@ def _pydoc_topics() -> list[Document]:
 STDLIB_SOURCES: dict[str, Callable[[], list[Document]]] = {"pydoc": _pydoc_topics}
 
 
-def _parse_source(source: str) -> tuple[str, str | None]:
+def parse_source(source: str) -> tuple[str, str | None]:
     """Split ``SOURCE@split`` into (source, split); an existing path containing '@' is taken as is."""
     if "@" not in source or Path(source).expanduser().exists():
         return source, None
@@ -189,6 +189,17 @@ def _parse_source(source: str) -> tuple[str, str | None]:
     if split not in SPLITS:
         raise DataError(f"{source}: unknown split suffix '@{split}' (use @train or @eval)")
     return base, split
+
+
+def source_path(source: str | None) -> Path | None:
+    """The file or directory a SOURCE reads, or None for a built-in corpus (what outputs must not overlap)."""
+    if not source:
+        return None
+    try:
+        base, _split = parse_source(source)
+    except DataError:
+        return None  # reported with its context when the source is read
+    return None if base.startswith("stdlib:") else Path(base).expanduser()
 
 
 def _hash(doc: Document) -> int:
@@ -217,7 +228,7 @@ def load_documents(source: str) -> list[Document]:
     Raises:
         DataError: missing path, unknown ``stdlib:`` name or split, binary file, malformed jsonl, or no text.
     """
-    base, split = _parse_source(source)
+    base, split = parse_source(source)
     if base.startswith("stdlib:"):
         name = base.removeprefix("stdlib:")
         if name not in STDLIB_SOURCES:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import torch
 
 from sparsepack.config import TrainConfig
 from sparsepack.formats.adapter_layout import Adapter, write_adapter
-from sparsepack.formats.errors import OutputExistsError
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, StageRecord
-from sparsepack.formats.pack import Pack, record_files, staged_dir
+from sparsepack.formats.pack import Pack, write_pack
+from sparsepack.formats.staging import check_output
 from sparsepack.methods.presets import PRESETS
 from sparsepack.pipeline import checkpoint as ckpt
 from sparsepack.pipeline.trainer import Trainer, main_steps, plan_phases
@@ -76,7 +77,7 @@ def load_teacher(path: str | Path, device: str) -> torch.nn.Module:
     return teacher.requires_grad_(False).eval()
 
 
-KL_SAMPLES_FILE = "kl_samples.safetensors"  # --kl-data teacher: the sampled ids, kept beside the checkpoints
+KL_SAMPLES_FILE = ckpt.KL_SAMPLES_FILE
 
 
 def teacher_samples(teacher: torch.nn.Module, tokenizer, n: int, seqlen: int, seed: int, batch_size: int = 16,
@@ -136,7 +137,7 @@ def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir:
     n = kl_sample_count(cfg, n_examples)
     if ids is None or tuple(ids.shape) != (n, cfg.seqlen):
         ids = teacher_samples(teacher, tokenizer, n, cfg.seqlen, cfg.seed, progress=progress)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         save_file({"input_ids": ids.contiguous()}, str(tmp))
         os.replace(tmp, path)
     return [(row, row.clone()) for row in ids]
@@ -151,15 +152,30 @@ def finetune(pack: str | Path, out: str | Path, cfg: TrainConfig, overwrite: boo
              checkpoint_dir: Path | None = None, progress: bool = True) -> FinetuneResult:  # fmt: skip
     """Train adapter ``cfg.adapter`` on the base at ``pack``; write the result as a pack at ``out``."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
+    inputs = run_inputs(pack, cfg)
+    check_output(out, overwrite, inputs)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(out)
-    with ckpt.exclusive(ckpt_dir):  # one run per output at a time: a second fails here with OutputBusyError
-        return _finetune_locked(pack, out, cfg, overwrite, resume, ckpt_dir, progress)
+    created = not os.path.lexists(ckpt_dir)
+    ckpt.claim(ckpt_dir, [*inputs, out])  # holds checkpoints only, so removing it later deletes nothing else
+    try:
+        with ckpt.exclusive(ckpt_dir):  # one run per output at a time: a second fails here with OutputBusyError
+            return _finetune_locked(pack, out, cfg, overwrite, resume, ckpt_dir, progress, inputs)
+    except BaseException:
+        if created and ckpt.latest_checkpoint_name(ckpt_dir) is None:
+            ckpt.remove(ckpt_dir)  # nothing to resume from: leave no empty OUT.ckpt behind
+        raise
+
+
+def run_inputs(pack: str | Path, cfg: TrainConfig) -> list[Path | None]:
+    """Every path a finetune run reads: its output and checkpoints must overlap none of them."""
+    from sparsepack.pipeline.data import source_path
+
+    sources = (cfg.data, cfg.eval_data, cfg.kl_source if cfg.kl_source != "teacher" else None)
+    return [Path(pack), Path(cfg.teacher) if cfg.teacher else None, *(source_path(s) for s in sources)]
 
 
 def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: bool, resume: bool, ckpt_dir: Path,
-                     progress: bool) -> FinetuneResult:  # fmt: skip
+                     progress: bool, inputs: list[Path | None]) -> FinetuneResult:  # fmt: skip
     from sparsepack.pipeline.data import completion_examples, token_windows
     from sparsepack.runtime.loader import load
     from sparsepack.runtime.tokenizer import load_tokenizer
@@ -204,8 +220,8 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
               "config": cfg.to_dict()},  # fmt: skip
     )
     write_adapter_pack(src, out, cfg.adapter, adapter, StageRecord("finetune", cfg.to_dict(), summary=summary),
-                       ckpt_dir, overwrite=overwrite)  # fmt: skip
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+                       ckpt_dir, overwrite=overwrite, inputs=inputs)  # fmt: skip
+    ckpt.remove(ckpt_dir)
     return FinetuneResult(out, summary, trainer.state.history)
 
 
@@ -218,12 +234,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_adapter_pack(src: Pack, out: Path, name: str, adapter: Adapter, record: StageRecord,
-                       extras_dir: Path | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+                       extras_dir: Path | None = None, overwrite: bool = False,
+                       inputs: Iterable[Path | str | None] = ()) -> Path:  # fmt: skip
     """A new pack = ``src``'s files (minus any old adapter ``name``) + ``adapters/<name>/``."""
     manifest = copy.deepcopy(src.manifest) if src.kind == "sparsepack" else Manifest(
         base={"source": str(src.path), "model_type": src.config.model_type},
         quantization=dict(src.quant) if src.quant else None)  # fmt: skip
-    with staged_dir(out, overwrite) as tmp:
+
+    def populate(tmp: Path) -> None:
         for path in sorted(p for p in src.path.rglob("*") if p.is_file()):
             rel = path.relative_to(src.path)
             if rel.as_posix() == MANIFEST_FILE or rel.parts[:2] == ("adapters", name):
@@ -242,10 +260,9 @@ def write_adapter_pack(src: Pack, out: Path, name: str, adapter: Adapter, record
             "modules": len(adapter.modules),
             "parameters": sum(m.nnz + m.rank * sum(m.shape) for m in adapter.modules.values()),
         }  # fmt: skip
-        manifest.history.append(record)
-        record_files(tmp, manifest)
-        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
-    return out
+
+    manifest.history.append(record)
+    return write_pack(out, manifest, populate, overwrite, inputs=[src.path, *inputs])
 
 
 def _plot_loss(metrics: Path, png: Path) -> None:

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, StageRecord
-from sparsepack.formats.pack import record_files, staged_dir
+from sparsepack.formats.manifest import Manifest, StageRecord
+from sparsepack.formats.pack import write_pack
+from sparsepack.formats.staging import check_output
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.quantized_linear import QuantizedLinear
 from sparsepack.runtime.tokenizer import copy_tokenizer_files
@@ -140,10 +141,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
     if mode == "requantize" and qcfg is None:
         raise ValueError("--mode requantize needs a quantization config (the pack's own, see the CLI)")
     out = Path(out)
-    if out.exists() and not overwrite:
-        from sparsepack.formats.errors import OutputExistsError
-
-        raise OutputExistsError("output exists (pass --overwrite to replace it)", out)
+    check_output(out, overwrite, inputs=[pack])
     start = time.perf_counter()
     model = load(pack)
     unknown = [n for n, _ in adapters if n not in model.adapters]
@@ -181,12 +179,13 @@ def write_dense(model, src, out: Path, adapters, dtype, record: StageRecord, ove
     state, config = merged_state_dict(model, adapters, dtype)
     manifest = Manifest(base={**src.manifest.base, "merged_adapters": [n for n, _ in adapters]},
                         quantization=None, history=[*src.manifest.history, record])  # fmt: skip
-    with staged_dir(out, overwrite) as tmp:
+
+    def populate(tmp: Path) -> None:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_tokenizer_files(src.path, tmp)
-        record_files(tmp, manifest)
-        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+
+    write_pack(out, manifest, populate, overwrite, inputs=[src.path])
 
 
 # ------------------------------------------------------------------------------------------------ quality
@@ -194,9 +193,9 @@ def write_dense(model, src, out: Path, adapters, dtype, record: StageRecord, ove
 
 def _eval_split(source: str) -> str:
     """The held-out split of a training SOURCE (``x@train`` -> ``x@eval``, plain ``x`` -> ``x@eval``)."""
-    from sparsepack.pipeline.data import _parse_source
+    from sparsepack.pipeline.data import parse_source
 
-    base, split = _parse_source(source)
+    base, split = parse_source(source)
     return source if split == "eval" else f"{base}@eval"
 
 

@@ -21,13 +21,13 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from sparsepack.formats.staging import share_like_any_file, staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ def prepare_sample_model(cache_dir: Path | None = None, force: bool = False) -> 
 
     The result (``config.json``, ``model.safetensors``, tokenizer files, ``generation_config.json`` and the
     marker ``sparsepack_sample.json``) is written to a temporary sibling and renamed into place, so an
-    interrupted run never leaves a half-written model behind. A later call finds the marker and returns at
+    interrupted run never leaves a half-written model behind; an existing folder without the marker is refused
+    (``ForeignOutputError``), never replaced. A later call finds the marker and returns at
     once. Prints nothing.
 
     Args:
@@ -182,42 +183,14 @@ def prepare_sample_model(cache_dir: Path | None = None, force: bool = False) -> 
         return target
     gguf = find_sample_gguf()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SAMPLE_DIRNAME}.", dir=cache))
-    try:
+    # replaces an outdated copy (it carries MARKER); a folder without the marker is refused, never deleted
+    with staged_dir(target, overwrite=True) as tmp:
         start = time.perf_counter()
         logger.info("preparing the sample model from %s into %s", gguf, target)
         with _quiet_transformers():
             marker = _convert(gguf, tmp)
         marker["seconds"] = round(time.perf_counter() - start, 2)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        _share_like_any_file(tmp)
-        _move_into_place(tmp, target)
-        logger.info("sample model ready in %.1f s: %s", marker["seconds"], target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        share_like_any_file(tmp)
+    logger.info("sample model ready in %.1f s: %s", marker["seconds"], target)
     return target
-
-
-def _share_like_any_file(folder: Path) -> None:
-    """Give the folder and its files the modes the umask allows: mkdtemp (and some writers) use 0600/0700."""
-    umask = os.umask(0)
-    os.umask(umask)  # reading the umask means setting it; put it straight back
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` (force, or a concurrent run) is replaced."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{SAMPLE_DIRNAME}.old.", dir=target.parent))
-        # rename cannot replace a non-empty directory: step the old one aside, then delete it.
-        os.replace(target, old / "model")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not _is_prepared(target):  # lost a race to another process: fine if it finished
-                raise
