@@ -79,8 +79,8 @@ def interpreting() -> bool:
 def kernel_module(name: str) -> ModuleType:
     """Import ``sparsepack.kernels.<name>`` on first use (the numba and triton kernel modules).
 
-    Cached: callers look their kernel up on every call (per layer per decoded token on the decode path), and
-    ``import_module`` of an imported module still costs about 0.5 us.
+    Cached: callers look their kernel up on every call (per layer per decoded token on the decode path), where
+    even ``import_module``'s lookup of an imported module shows.
     """
     if name.startswith("_cpu"):
         _configure_numba()
@@ -92,8 +92,8 @@ def _configure_numba() -> None:
     """Use numba's own ``workqueue`` threads instead of its default OpenMP layer (unless the user chose one).
 
     numba's ``omp`` layer loads the system libgomp beside torch's OpenMP runtime; on a small busy machine the
-    two pools spin-wait against each other. Measured here (2 cores, load ~4, sddmm 1536x576 at 1%, 512 tokens):
-    omp 11.9 ms min / 16.0 ms median vs workqueue 1.1 ms / 2.9 ms. Must run before the first parallel launch.
+    two pools spin-wait against each other, several times slower (``docs/BENCHMARKS.md``, Kernels). Must run
+    before the first parallel launch.
     """
     if "NUMBA_THREADING_LAYER" in os.environ:
         return
@@ -110,7 +110,7 @@ def match_torch_threads() -> None:
 
     numba otherwise starts one thread per core whatever torch was told: with ``torch.set_num_threads(1)`` a
     compiled product beside torch's single-threaded ops took two cores (and more CPU time than torch's own
-    CSR product). numba's setting is per calling thread, so it is mirrored per thread; about 0.2 us per call
+    CSR product). numba's setting is per calling thread, so it is mirrored per thread; a dict lookup per call
     once set.
     """
     n = torch.get_num_threads()

@@ -2,12 +2,10 @@
 
 The sparse kernels compute on feature-major rows (``[features, T]``) while activations arrive and leave
 token-major (``[T, features]``), so each call transposes its input and writes its product back transposed.
-Element by element, both cost 0.5-0.9 ns per value here: for a 1536 x 576 layer at 128 tokens, the 196 K
-written-back values took twice as long as the sparse product itself (100 of 154 us), and torch's own transposing
-copy is no faster (42 us for a 128 x 576 input). Numba's auto-vectorizer does not turn a scalar transpose into
-shuffles, so these helpers emit them directly: eight 8-wide row loads, three rounds of ``shufflevector``
-(swap 4 x 4, then 2 x 2, then 1 x 1 blocks), eight 8-wide stores. Measured (AMD EPYC, one thread): the
-128 x 576 input transpose 42 -> 9 us, the 1536 x 576 in-place product at 128 tokens 154 -> 86 us.
+Element by element, the write-back alone took longer than the sparse product itself, and torch's own
+transposing copy is no faster. Numba's auto-vectorizer does not turn a scalar transpose into shuffles, so these
+helpers emit them directly: eight 8-wide row loads, three rounds of ``shufflevector`` (swap 4 x 4, then 2 x 2,
+then 1 x 1 blocks), eight 8-wide stores (figures in ``docs/BENCHMARKS.md``, Kernels).
 
 ``tr8_copy(src, i, j, dst, k, l)`` sets ``dst[k + a, l + b] = src[i + b, j + a]`` for ``a, b < 8``;
 ``tr8_add`` adds instead. Both arrays are C-contiguous 2-D fp32 or fp64 arrays of one dtype; the caller keeps
@@ -95,8 +93,7 @@ tr8_add = intrinsic(_typer(add=True))
 def transpose_rows_into(x, t0, n, xT):  # pragma: no cover - compiled
     # xT[k, t] = x[t0 + t, k] for t < n: rows t0 .. t0 + n of x into the first n columns of xT.  x (T, K),
     # xT (K, >= n), both C-contiguous, one dtype.  Feature blocks outside, tokens inside: each block fills eight
-    # output rows front to back (with tokens outside, every block of T touched all K output rows; 128 x 576:
-    # 10.8 -> 8.5 us, 512 x 576: 91 -> 46 us, measured)
+    # output rows front to back (with tokens outside, every block of T touched all K output rows: slower)
     K = x.shape[1]
     n8, K8 = n - n % _B, K - K % _B
     for k in range(0, K8, _B):

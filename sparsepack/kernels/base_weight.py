@@ -66,7 +66,7 @@ class SparseFold:
         values [E])``, what the GPTQ base adds while it dequantizes ``W^T`` row by row."""
         if len(self.supports) == 1:
             t, perm = self.supports[0].transpose
-            # index_select, not [perm]: 8 against 23 us for 5k entries (torch 2.13 CPU)
+            # index_select, not [perm]: faster on CPU (docs/BENCHMARKS.md, Kernels)
             return t.row_ptr, t.col_idx, torch.index_select(self.values[0].detach().to(dtype), 0, perm)
         ptr, perm = group_by_column(torch.cat([s.col_idx for s in self.supports]), self.supports[0].shape[1])
         return ptr, torch.cat([s.row_idx for s in self.supports])[perm], self.flat_values(dtype)[perm]
@@ -140,7 +140,7 @@ class DenseBase(BaseWeight):
             view = torch.empty(0, dtype=w.dtype, device=w.device).set_(w.untyped_storage(), w.storage_offset(),
                                                                        (w.numel(),), (1,))  # fmt: skip
             # the originals (duplicate indices save the same value twice); index_select into a fresh buffer, since
-            # `view[flat]` made the index_add_ below 20x slower (measured, torch 2.13 CPU)
+            # `view[flat]` makes the index_add_ below much slower on CPU
             saved = torch.index_select(view, 0, flat, out=torch.empty(flat.shape, dtype=dtype))
             view.index_add_(0, flat, vals)
             try:

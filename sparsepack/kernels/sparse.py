@@ -32,7 +32,7 @@ _FAST = {"cpu": "_cpu_sparse", "triton": "_triton_sparse"}  # backend -> module 
 
 def csr_row_indices(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
     """int32 ``[nnz]``: the row of every stored entry of a CSR matrix."""
-    if row_ptr.device.type == "cpu":  # numpy's repeat: 13 us vs torch's 45 us for a 1536-row layer (adapter loads)
+    if row_ptr.device.type == "cpu":  # numpy's repeat is faster than torch's here (adapter loads)
         ptr = row_ptr.numpy()
         rows = np.repeat(np.arange(ptr.shape[0] - 1, dtype=np.int32), np.diff(ptr))
         if rows.shape[0] != nnz:

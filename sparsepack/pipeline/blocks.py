@@ -139,8 +139,8 @@ class ReplayCache:
 
     Only the block's direct children are candidates, and only those a full forward calls exactly once (a
     pass that stops early cannot see a second call, so one probe forward decides): their outputs are
-    hidden-sized. Deeper modules (q/k/v) would hold more memory for little more speed (measured on SmolLM2:
-    caching every finished module took the same time per block and twice the memory). Outputs and tail
+    hidden-sized. Deeper modules (q/k/v) would hold more memory for no more speed (caching every finished
+    module doubled the memory: ``docs/BENCHMARKS.md``, Compress). Outputs and tail
     inputs carry their in-place version counters: if anything modified one in place, that module is
     recomputed instead, so a replay never hands out a corrupted tensor.
 

@@ -789,7 +789,7 @@ static void N(sp_delta)(const SpArgs* g) {
   N(sp_delta_fast)(g);
 #else
   if (g->rows == 1)
-    N(sp_delta_stream)(g); /* decode: measured fastest (see REPORT.md) */
+    N(sp_delta_stream)(g); /* decode: one linear pass over the adapter, the fastest at one row (REPORT.md) */
   else
     N(sp_delta_rows)(g); /* prefill: A/B reuse across SP_TB rows */
 #endif
