@@ -175,8 +175,8 @@ def write_calibration(model_dir: Path, dest: Path, source: str, seqlen: int, nsa
     Returns:
         int64 tensor ``[nsamples, seqlen]``.
     """
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import sample_windows
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     windows = sample_windows(load_tokenizer(model_dir), source, seqlen, nsamples, seed)  # (n, T)
     dest.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in windows.tolist()))

@@ -110,7 +110,7 @@ def worker(kind: str, model_dir: str, pack: str, steps: int) -> dict:
     import torch
 
     torch.manual_seed(0)
-    from sparsepack.runtime.tokenizer import load_tokenizer
+    from sparsepack.formats.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     windows = _windows(tok, BATCH * (steps + 1))
@@ -169,7 +169,7 @@ def worker(kind: str, model_dir: str, pack: str, steps: int) -> dict:
 
 def selection_worker(pack: str, model_dir: str, train_steps: int = 2) -> dict:
     """RoSA support selection (fisher rule, default memory budget) after a few warm-up steps."""
-    from sparsepack.runtime.tokenizer import load_tokenizer
+    from sparsepack.formats.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     windows = _windows(tok, 64)

@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from sparsepack.config import QuantConfig
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.compress import compress
     from sparsepack.pipeline.data import token_windows
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sparsepack-interop-"))

@@ -69,8 +69,8 @@ def random_rosa_pack(src: Path, out: Path, rank: int = 16, density: float = 0.00
 
 
 def prompt_ids(model_dir: Path) -> np.ndarray:
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import token_windows
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     w = token_windows(load_tokenizer(model_dir), "stdlib:pydoc@eval", PROMPT_LEN, 1)
     return np.asarray(w[0], dtype=np.int64)[None, :]  # (1, 128)

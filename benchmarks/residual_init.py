@@ -47,6 +47,7 @@ def main() -> None:
     import torch
 
     from benchmarks._common import info_text, sample_model
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
     from sparsepack.methods.allocation import uniform
     from sparsepack.methods.masks import topk_support
@@ -54,7 +55,6 @@ def main() -> None:
     from sparsepack.pipeline.data import sample_windows, token_windows
     from sparsepack.pipeline.evaluate import perplexity
     from sparsepack.runtime.loader import load
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     torch.set_num_threads(args.threads)
     model_dir = str(sample_model())

@@ -174,7 +174,7 @@ def prepare(work: Path, pack: Path) -> dict[str, Path]:
     if not p["fp16"].exists():
         base.to(torch.float16).save_pretrained(p["fp16"])
         base.float()
-        from sparsepack.runtime.tokenizer import copy_tokenizer_files
+        from sparsepack.formats.tokenizer import copy_tokenizer_files
 
         copy_tokenizer_files(model_dir, p["fp16"])
     _peft_adapter(base, p["peft_x"], RANK, 11)
@@ -345,8 +345,8 @@ def inference(p: dict, repeats: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     import sparsepack
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import token_windows
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     ids = token_windows(load_tokenizer(p["model"]), "stdlib:pydoc@eval", PREFILL, 1)
     rows = []

@@ -164,22 +164,22 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 @click.option("--kl-data", default=None,
               help="Data of the KL term: 'teacher' (default with --teacher): --kl-samples sequences sampled from the "
                    "teacher itself (data-free distillation: the correction keeps recovering the quantization loss on "
-                   "general text, not only on --data; each training micro-batch adds one micro-batch of them, about "
-                   "1.7x the step time); 'batch': the training batches themselves (no extra passes); or a SOURCE "
-                   "(any --data kind).")
+                   "general text, not only on --data; each training micro-batch adds one micro-batch of them, with "
+                   "its own student and teacher passes); 'batch': the training batches themselves (no extra "
+                   "passes); or a SOURCE (any --data kind).")
 @click.option("--kl-samples", default=None, type=click.IntRange(1),
               help="--kl-data teacher: sequences of --seqlen tokens sampled from the teacher (temperature 1, seeded "
                    "by --seed), kept with the checkpoints for --resume. Default: a quarter of the sequences the run "
-                   "reads (one per training micro-batch), between 128 and 512 (on the sample, 512 beat 128 at 480 "
-                   "steps of batch 4).")
+                   "reads (one per training micro-batch), between 128 and 512 (longer runs gain from more "
+                   "samples).")
 @click.option("--init", default="auto", show_default=True, type=click.Choice(list(INIT_MODES)),
               help="Correction start: zero (B = 0, S = 0); residual: S on the largest entries of W_fp - W_q "
                    "with their values, A/B from an SVD of the rest (needs --teacher; skips warm-up and support "
                    "selection); residual-lowrank: A/B from an SVD of the whole W_fp - W_q, S at zero on the "
                    "support the method chooses (needs --teacher); residual-whitened: as residual-lowrank, fitted "
                    "to the layer's output error on the teacher's inputs over --init-samples training examples "
-                   "instead (on the sample: better on the training text, worse on other text); auto = "
-                   "residual-lowrank with --teacher, else zero.")
+                   "instead (favours the training text over other text); auto = residual-lowrank with --teacher, "
+                   "else zero.")
 @click.option("--init-samples", default=64, show_default=True, type=click.IntRange(1),
               help="--init residual-whitened: training examples whose teacher inputs weight the fit (no data is "
                    "consumed: training still starts at the first batch).")
@@ -251,6 +251,7 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
     perplexity of each adapter alone (unfused) and of the output on that adapter's held-out data; requantize
     adds a naive round-to-nearest requantization of the same weights for comparison.
     """
+    from sparsepack.formats.pack import read_pack
     from sparsepack.pipeline.merge import QualityConfig, quality_lines, requantize_config
     from sparsepack.pipeline.merge import merge as run_merge
 
@@ -262,8 +263,9 @@ def merge(pack: Path, out: Path, adapters: tuple[str, ...], weights: tuple[float
     if len(plain) > 1:
         raise click.BadParameter("one SOURCE for all adapters, or NAME=SOURCE per adapter", param_hint="--eval-data")
     quality = QualityConfig(eval_windows, eval_seqlen, sources=named, default=plain[0] if plain else None)
-    qcfg = requantize_config(pack, calib=calib, nsamples=nsamples, seqlen=seqlen) if mode == "requantize" else None
-    res = run_merge(pack, out, pairs, mode=mode, dtype=dtype, qcfg=qcfg, overwrite=overwrite, progress=not as_json,
+    info = read_pack(pack, verify=True, check_config=True)  # opened and hashed once for the whole command
+    qcfg = requantize_config(info, calib=calib, nsamples=nsamples, seqlen=seqlen) if mode == "requantize" else None
+    res = run_merge(info, out, pairs, mode=mode, dtype=dtype, qcfg=qcfg, overwrite=overwrite, progress=not as_json,
                     quality=quality)  # fmt: skip
     lines = [f"wrote {out} ({mode}, adapters {pairs}) in {res.summary['seconds']:.1f} s"]
     if "quality" in res.summary:
@@ -356,10 +358,16 @@ def export(pack: Path, fmt: str, out: Path, adapters: tuple[str, ...], merge: bo
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--onnx", "onnx", is_flag=True,
               help="PACK is an `export --format onnx` directory: run it in onnxruntime (--adapter: a swappable one).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON summary (prompt, adapter, text, token counts, seconds) instead of streaming.")
 @_fail_cleanly
 def generate(pack: Path, prompt: str, adapter: str | None, max_new_tokens: int, do_sample: bool, temperature: float,
-             top_p: float, top_k: int, seed: int, chat: bool, device: str, onnx: bool) -> None:  # fmt: skip
+             top_p: float, top_k: int, seed: int, chat: bool, device: str, onnx: bool,
+             as_json: bool) -> None:  # fmt: skip
     """Generate text from PACK, streaming tokens to the terminal (greedy unless --do-sample)."""
+    import time
+
+    summary: dict[str, Any] = {"pack": str(pack), "prompt": prompt, "adapter": adapter, "chat": chat}
     if onnx:
         from sparsepack.runtime.onnx_runtime import OnnxModel
 
@@ -369,15 +377,20 @@ def generate(pack: Path, prompt: str, adapter: str | None, max_new_tokens: int, 
         if chat:
             prompt = om.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                       tokenize=False)  # fmt: skip
+        start = time.perf_counter()
         text = om.generate(prompt, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
-        click.echo(prompt + text)
+        seconds = time.perf_counter() - start
+        # OnnxModel.generate returns text, not ids: the new-token count is unknown here (null, not a re-encoding)
+        summary.update(text=text, prompt_tokens=len(om.tokenizer(prompt)["input_ids"]), new_tokens=None,
+                       seconds=seconds)  # fmt: skip
+        _emit(summary, as_json, prompt + text)
         return
     import torch
     from transformers import TextStreamer
 
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.runtime.loader import load
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     model = load(pack, adapter=adapter, device=device)
@@ -387,13 +400,21 @@ def generate(pack: Path, prompt: str, adapter: str | None, max_new_tokens: int, 
                                       return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    streamer = None if as_json else TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     kwargs = {"do_sample": do_sample}
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    start = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device), max_new_tokens=max_new_tokens,
-                       streamer=streamer, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)  # fmt: skip
+        out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                             max_new_tokens=max_new_tokens, streamer=streamer,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)  # fmt: skip
+    seconds = time.perf_counter() - start
+    if as_json:
+        new = out[0, ids.shape[1] :]  # [new_tokens]: the continuation, EOS included when it stopped there
+        summary.update(text=tok.decode(new, skip_special_tokens=True), prompt_tokens=ids.shape[1],
+                       new_tokens=new.numel(), seconds=seconds)  # fmt: skip
+        _emit(summary, True, "")
 
 
 # ------------------------------------------------------------------------------------------------ inspect
@@ -503,10 +524,10 @@ def eval_cmd(model_or_pack: Path, source: str, adapter: str | None, seqlen: int,
     Each window is scored alone (no context carried across windows); the result is exp of the mean token
     negative log-likelihood, the same number a plain transformers `loss` gives.
     """
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import token_windows
     from sparsepack.pipeline.evaluate import perplexity
     from sparsepack.runtime.loader import load
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     model = load(model_or_pack, adapter=adapter, device=device)
     tokenizer = load_tokenizer(model_or_pack)

@@ -50,9 +50,8 @@ class QuantConfig:
         if not 0 <= self.damp < 1:
             raise ValueError(f"--damp must be in [0, 1), got {self.damp}")
         if self.clip_search is None:
-            # SmolLM2 g64, pydoc@eval perplexity, clipped vs plain grids: 3-bit 27.9 vs 36.3, 4-bit 19.2 vs 19.6
-            # (lower at all five calibration seeds), 8-bit 16.28 vs 16.16 (worse: 255 levels leave little to gain
-            # and the clipped outliers matter). docs/BENCHMARKS.md, Compress.
+            # below 8 bits it lowers held-out perplexity; at 8 bits it raised it (255 levels leave little to gain
+            # and the clipped outliers matter): docs/BENCHMARKS.md, Compress
             self.clip_search = CLIP_SEARCH_DEFAULT if self.bits < 8 else 0.0
         if not 0 <= self.clip_search < 1:
             raise ValueError(f"--clip-search must be in [0, 1), got {self.clip_search}")
@@ -135,10 +134,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
+        from sparsepack.methods.presets import PRESETS
 
         validate_adapter_name(self.adapter)
+        preset = PRESETS.get(self.method)  # an unknown --method fails here, naming the known ones
         if self.rank < 0 or not 0 <= self.density < 1:
             raise ValueError(f"--rank must be >= 0 and --density in [0, 1), got {self.rank}, {self.density}")
+        if preset.lowrank and self.rank < 1:  # a rank-0 low-rank part would have nothing to train
+            raise ValueError(f"--rank must be >= 1 for --method {self.method} (it trains a low-rank part), "
+                             f"got {self.rank}")  # fmt: skip
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be positive, got {self.steps}")
         if self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.seqlen < 2:

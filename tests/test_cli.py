@@ -114,3 +114,50 @@ def test_generate_streams_the_greedy_continuation(tmp_path, model):
     ids = tiny_tokenizer()("alpha beta", return_tensors="pt")["input_ids"]
     expected = lm.generate(ids, max_new_tokens=5, do_sample=False)
     assert result.output.strip() == tiny_tokenizer().decode(expected[0], skip_special_tokens=True).strip()
+
+
+def test_eval_on_a_text_file_scores_the_windows_of_the_whole_tokenized_text(tmp_path, model):
+    # the usual protocol (GPTQ's and lm-eval's wikitext perplexity): tokenize the text as one stream, cut windows
+    words = ["alpha", "beta", "gamma", "delta", "quantized", "sparse", "adapter", "window", "token", "model"]
+    gen = torch.Generator().manual_seed(1)
+    paragraphs = ["\n".join(" ".join(words[i] for i in torch.randint(0, 10, (12,), generator=gen)) for _ in range(4))
+                  for _ in range(50)]  # fmt: skip
+    text = "\n\n".join(paragraphs) + "\n"  # ~16k characters: several of data.py's ~4000-character chunks
+    (tmp_path / "held_out.txt").write_text(text)
+    path = save_hf(model, tmp_path / "hf")
+    ids = tiny_tokenizer()(text, add_special_tokens=False, verbose=False)["input_ids"]
+    n = len(ids) // 128 - 1  # all but the last window: the file's final newline is not part of a window
+    result = run("eval", path, "--data", tmp_path / "held_out.txt", "--seqlen", 128, "--windows", n, "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    windows = torch.tensor(ids[: n * 128]).view(n, 128)  # [n, 128]
+    with torch.no_grad():
+        expected = model(input_ids=windows, labels=windows).loss.exp().item()  # equal windows: mean of means
+    assert got["windows"] == n and got["tokens"] == n * 127
+    assert got["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_generate_json_prints_one_summary_instead_of_streaming(tmp_path, model):
+    import sparsepack
+
+    path, _ = rtn_pack(model, tmp_path / "p", adapters={"a": random_adapter(model)})
+    result = run("generate", path, "--prompt", "alpha beta", "--max-new-tokens", 5, "--adapter", "a", "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)  # nothing streamed before or after the JSON
+    tok = tiny_tokenizer()
+    ids = tok("alpha beta", return_tensors="pt")["input_ids"]
+    expected = sparsepack.load(path, adapter="a").generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1] :]
+    counts = {"prompt_tokens": ids.shape[1], "new_tokens": expected.numel()}
+    assert {k: got[k] for k in ("prompt", "adapter", *counts)} == {"prompt": "alpha beta", "adapter": "a", **counts}
+    assert got["text"] == tok.decode(expected, skip_special_tokens=True) and got["seconds"] >= 0
+
+
+@pytest.mark.parametrize("method", ["lora", "rosa"])
+def test_finetune_rank_zero_with_a_low_rank_method_is_refused_before_training(tmp_path, model, text_file, method):
+    path = save_hf(model, tmp_path / "hf")
+    result = run("finetune", path, "--data", text_file, "-o", tmp_path / "out", "--method", method, "--rank", 0)
+    assert result.exit_code == 1
+    expected = f"Error: ValueError: --rank must be >= 1 for --method {method} (it trains a low-rank part), got 0"
+    assert result.output.strip() == expected  # one line
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert not (tmp_path / "out").exists()

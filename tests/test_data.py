@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from helpers_tokenizer import tiny_tokenizer
 
 from sparsepack.pipeline.data import (
     IGNORE_INDEX,
@@ -21,6 +20,7 @@ from sparsepack.pipeline.data import (
     token_stream,
     token_windows,
 )
+from tests.helpers_tokenizer import tiny_tokenizer
 
 
 def _paragraphs(n: int, words: int = 60, tag: str = "p") -> str:
@@ -189,6 +189,35 @@ def test_token_stream_joins_documents_with_eos(tok):
     b = tok("jumps over", add_special_tokens=False)["input_ids"]
     assert stream.dtype == torch.long
     assert stream.tolist() == a + [tok.eos_token_id] + b
+
+
+def test_text_file_streams_as_its_own_tokens_without_eos_between_chunks(tok, tmp_path):
+    text = _paragraphs(60)
+    (tmp_path / "notes.txt").write_text(text)
+    docs = load_documents(str(tmp_path / "notes.txt"))
+    assert len(docs) > 4  # several chunks, so a boundary between them is crossed
+    stream = token_stream(tok, docs).tolist()
+    assert stream == tok(text.strip(), add_special_tokens=False, verbose=False)["input_ids"]
+    assert tok.eos_token_id not in stream
+
+
+def test_split_joins_adjacent_chunks_with_the_files_text_and_gaps_with_eos(tok, tmp_path):
+    (tmp_path / "big.txt").write_text(_paragraphs(400))
+    for split in ("train", "eval"):
+        docs = load_documents(f"{tmp_path / 'big.txt'}@{split}")
+        index = [int(d.id.rsplit("#", 1)[1]) for d in docs]
+        runs = [[docs[0].text]]  # chunks adjacent in the file; _paragraphs separates them by one blank line
+        for prev, i, doc in zip(index, index[1:], docs[1:], strict=False):
+            if i == prev + 1:
+                runs[-1].append(doc.text)
+            else:
+                runs.append([doc.text])
+        expected = []
+        for k, run in enumerate(runs):
+            expected += [tok.eos_token_id] * bool(k) + tok("\n\n".join(run), add_special_tokens=False)["input_ids"]
+        assert token_stream(tok, docs).tolist() == expected
+        if split == "train":
+            assert 1 < len(runs) < len(docs)  # both kinds of boundary occur
 
 
 def test_token_windows_shapes_and_content(tok, tmp_path):

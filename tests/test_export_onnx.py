@@ -111,7 +111,7 @@ def kv_unfused(packs):
 
 def test_kv_cache_decode_matches_generate_and_runtime(packs, kv_unfused):
     import sparsepack
-    from sparsepack.runtime.tokenizer import load_tokenizer
+    from sparsepack.formats.tokenizer import load_tokenizer
 
     root, p = packs
     s, out = kv_unfused

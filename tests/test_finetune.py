@@ -66,8 +66,8 @@ def test_rosa_on_quantized_base_writes_a_loadable_pack(env, tmp_path):
 def test_fisher_scores_equal_dense_squared_gradients(env):
     """With B = 0 the adapted model is the base: scores must equal mean over micro-batches of (dL/dW)^2."""
     model = sparsepack.load(env / "hf")
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import completion_examples
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(env / "hf")
     cfg = small(env, dropout=0.0, mask_samples=4)

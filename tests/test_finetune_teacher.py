@@ -69,7 +69,7 @@ def test_residual_init_equals_dense_svd_reference_and_reduces_error():
 
 def set_up_trainer(env, init):
     """A Trainer on the 3-bit pack with the fp teacher, set up (initialized) with ``--init init``."""
-    from sparsepack.runtime.tokenizer import load_tokenizer
+    from sparsepack.formats.tokenizer import load_tokenizer
 
     model = sparsepack.load(env / "pack")
     teacher = sparsepack.load(env / "hf")
@@ -185,8 +185,8 @@ def test_kl_loss_equals_direct_computation():
 
 def test_teacher_loss_adds_kl_to_lm_loss(env):
     cfg = cfg_for(env, kl_weight=0.5, method="lora", dropout=0.0)  # residual init: B != 0, so no random dropout
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import completion_examples
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(env / "pack")
     model, teacher = sparsepack.load(env / "pack"), sparsepack.load(env / "hf")
@@ -205,8 +205,8 @@ def test_teacher_loss_adds_kl_to_lm_loss(env):
 def test_kl_data_puts_the_kl_term_on_its_own_batches(env):
     """--kl-data: LM loss on the training batch + weight * KL on a batch of the KL source, each from its own
     cursor; support scoring borrows both without consuming them."""
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import completion_examples
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     (env / "kl.txt").write_text("\n".join(f"a different text, line {i}: {i * i}" for i in range(200)))
     cfg = cfg_for(env, kl_weight=0.5, kl_data=str(env / "kl.txt"), dropout=0.0)
@@ -239,8 +239,8 @@ def test_kl_data_backward_runs_term_by_term_with_the_whole_loss_gradient(env):
     activations are freed before the second's are built; the gradient equals that of the summed loss."""
     import weakref
 
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import completion_examples
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     (env / "kl2.txt").write_text("\n".join(f"another text, row {i}: {i * 7}" for i in range(200)))
     cfg = cfg_for(env, kl_weight=0.5, kl_data=str(env / "kl2.txt"), dropout=0.0, method="lora")
@@ -278,8 +278,8 @@ def test_kl_data_backward_runs_term_by_term_with_the_whole_loss_gradient(env):
 
 
 def test_teacher_samples_are_seeded_full_length_and_leave_the_rng_alone(env):
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.finetune import teacher_samples
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     tok = load_tokenizer(env / "hf")
     teacher = sparsepack.load(env / "hf")

@@ -50,8 +50,8 @@ def test_run_timed_reports_rss_and_the_childs_json(tmp_path):
 
 
 def test_calibration_file_holds_exactly_the_windows_compress_draws(tmp_path):
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import sample_windows
-    from sparsepack.runtime.tokenizer import load_tokenizer
     from tests.factories import save_hf, tiny_llama
 
     model_dir = save_hf(tiny_llama(), tmp_path / "hf")

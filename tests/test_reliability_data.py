@@ -14,10 +14,10 @@ import signal
 import warnings
 
 import pytest
-from helpers_tokenizer import tiny_tokenizer
 
 from sparsepack.pipeline.data import DataError, load_documents, sample_windows, token_stream, token_windows
 from tests.factories import save_hf, tiny_llama
+from tests.helpers_tokenizer import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ import sparsepack
 from sparsepack.config import QuantConfig
 from sparsepack.formats import errors
 from sparsepack.formats.pack import read_pack
+from sparsepack.formats.tokenizer import load_tokenizer
 from sparsepack.pipeline.compress import compress
-from sparsepack.runtime.tokenizer import load_tokenizer
 from tests.factories import random_adapter, rtn_pack, save_hf, tiny_llama
 
 PACKAGE = Path(sparsepack.__file__).resolve().parent

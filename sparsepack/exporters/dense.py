@@ -53,8 +53,7 @@ def export_safetensors(pack: str | Path, out: str | Path, adapter: str | None = 
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     pack, out = Path(pack), Path(out)
     t0 = time.perf_counter()
-    _check(pack, out, adapter, overwrite)
-    model = load(pack)
+    model = load(_check(pack, out, adapter, overwrite))
     pairs = [] if adapter is None else [(adapter, 1.0)]
     record = StageRecord("export", {"format": "safetensors", "adapter": adapter, "dtype": dtype})
     write_dense(model, model.sparsepack.pack, out, pairs, DTYPES[dtype], record, overwrite)
@@ -74,8 +73,9 @@ def export_peft(pack: str | Path, out: str | Path, adapter: str, lora_approx: in
         raise ValueError(f"--lora-approx must be a rank >= 1, got {lora_approx}")
     pack, out = Path(pack), Path(out)
     t0 = time.perf_counter()
-    stored = _check(pack, out, adapter, overwrite).adapters[adapter]  # formats.adapter_layout.Adapter, validated
-    model = load(pack)
+    info = _check(pack, out, adapter, overwrite)
+    stored = info.adapters[adapter]  # formats.adapter_layout.Adapter, validated
+    model = load(info)
     layers = {
         n: m for n, m in model.named_modules() if isinstance(m, SparseLowRankLinear) and adapter in m.adapter_names
     }

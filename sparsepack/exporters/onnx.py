@@ -42,7 +42,7 @@ from sparsepack.exporters.onnx_adapters import (
     write_adapter,
 )
 from sparsepack.exporters.validate import raise_worst, validate_kv, validate_logits
-from sparsepack.formats.pack import read_pack
+from sparsepack.formats.pack import Pack, read_pack
 from sparsepack.formats.staging import check_output, staged_dir
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.inject import set_submodule
@@ -335,8 +335,8 @@ def export_onnx(
     Returns:
         A summary: paths, node counts, sizes, timings and validation figures.
     """
+    from sparsepack.formats.tokenizer import copy_tokenizer_files
     from sparsepack.runtime.loader import load
-    from sparsepack.runtime.tokenizer import copy_tokenizer_files
 
     t0 = time.perf_counter()
     adapters = tuple(adapters)
@@ -346,7 +346,7 @@ def export_onnx(
     check_output(out_dir, overwrite, inputs=[pack_path])
     merged = adapters[0] if merge else None
     unfused = () if merge else adapters
-    model = load(pack_path, adapter=merged)
+    model = load(info, adapter=merged)  # the record just read and verified: no second read or hash
     slots = adapter_slots(model, unfused)
     np_float = np.float16 if dtype == "fp16" else np.float32
     tensors = {name: {k: v.astype(np_float) if v.dtype == np.float32 else v
@@ -390,20 +390,20 @@ def export_onnx(
         summary["adapters"] = list(meta["adapters"])
         t1 = time.perf_counter()
         if validate:
-            summary["validation"] = run_validation(tmp, pack_path, merged, meta)
+            summary["validation"] = run_validation(tmp, info, merged, meta)
         summary["validate_s"] = round(time.perf_counter() - t1, 2)
     summary["export_s"] = round(t_export, 2)
     summary["total_s"] = round(time.perf_counter() - t0, 2)
     return summary
 
 
-def run_validation(export_dir: Path, pack_path: Path, adapter: str | None, meta: dict) -> dict[str, Any]:
-    """ORT on the written graph vs the loaded pack (same adapter active); raises on a mismatch."""
+def run_validation(export_dir: Path, pack: Pack, adapter: str | None, meta: dict) -> dict[str, Any]:
+    """ORT on the written graph vs a fresh model of ``pack`` (same adapter active); raises on a mismatch."""
     import onnxruntime as ort
 
     from sparsepack.runtime.loader import load
 
-    model = load(pack_path, adapter=adapter)
+    model = load(pack, adapter=adapter)
     if meta.get("adapter_op") == "custom-fp16":
         round_lowrank_fp16(model)
     session = ort.InferenceSession(str(export_dir / MODEL_FILE), session_options(meta.get("adapter_op")),

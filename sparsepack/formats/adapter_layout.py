@@ -186,15 +186,8 @@ def _load_checked(path: Path) -> dict[str, torch.Tensor]:
         raise SafetensorsHeaderError(f"rejected by safetensors: {e}", path) from None
 
 
-def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
-    """Read and validate an adapter directory.
-
-    Args:
-        directory: ``adapters/<name>`` inside a pack.
-        expected_shapes: module name -> (out, in) of the base model's linears; when given, every adapter
-            module must exist in the base with that shape.
-    """
-    directory = Path(directory)
+def _read_meta(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The adapter's ``sparsepack_adapter.json``: its path and its object, which must hold a ``modules`` object."""
     meta_path = directory / ADAPTER_META
     if not meta_path.is_file():
         raise MissingFileError(f"missing {ADAPTER_META}", directory)
@@ -204,73 +197,96 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
         raise FormatError(f"invalid JSON: {type(e).__name__}: {e}", meta_path) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict):
         raise FormatError("must be an object with a 'modules' object", meta_path)
-    modules: dict[str, AdapterModule] = {}
+    return meta_path, meta
+
+
+def _module_from_meta(name: str, info: Any, meta_path: Path,
+                      expected_shapes: dict[str, tuple[int, int]] | None) -> AdapterModule:  # fmt: skip
+    """One module's metadata entry as an :class:`AdapterModule` without tensors: shape, alpha and extras checked."""
+    shape = info.get("shape") if isinstance(info, dict) else None
+    if not isinstance(shape, list) or len(shape) != 2 or not all(isinstance(d, int) and 0 < d < 2**31 for d in shape):
+        raise ShapeError(f"module shape must be [out, in] positive integers, got {shape!r}", meta_path, name)
+    shape_t = (shape[0], shape[1])
+    if expected_shapes is not None:
+        if name not in expected_shapes:
+            raise ShapeError("module is not a linear layer of the base model", meta_path, name)
+        if expected_shapes[name] != shape_t:
+            raise ShapeError(f"adapter shape {shape_t} != base layer shape {expected_shapes[name]}", meta_path,
+                             name)  # fmt: skip
+    alpha = info.get("alpha", 16.0)
+    if type(alpha) not in (int, float) or not abs(alpha) <= MAX_ALPHA:  # `not <=` also catches NaN
+        raise FormatError(f"alpha must be a number in [-{MAX_ALPHA}, {MAX_ALPHA}], got {alpha!r}", meta_path, name)
+    extra = {k: v for k, v in info.items() if k not in ("shape", "rank", "alpha", "nnz")}
+    return AdapterModule(shape=shape_t, alpha=float(alpha), extra=extra)
+
+
+def _attach_lora(lora_path: Path, modules: dict[str, AdapterModule]) -> None:
+    """Set each module's ``A`` / ``B`` from the PEFT weights file, then check that they pair up and fit."""
+    for key, t in _load_checked(lora_path).items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise FormatError("unexpected tensor name in LoRA weights", lora_path, key)
+        name, part = key[len(PEFT_PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        if name not in modules:
+            raise ShapeError("LoRA tensor for a module absent from the adapter metadata", lora_path, key)
+        setattr(modules[name], "A" if part == "lora_A" else "B", t)
+    for name, m in modules.items():
+        if (m.A is None) != (m.B is None):
+            raise MissingFileError("lora_A and lora_B must both be present", lora_path, name)
+        if m.A is not None:
+            if not (m.A.is_floating_point() and m.B.is_floating_point()):
+                raise ShapeError(f"lora_A/lora_B must be float, got {m.A.dtype}/{m.B.dtype}", lora_path, name)
+            out_f, in_f = m.shape
+            r = m.A.shape[0]
+            if m.A.dim() != 2 or m.A.shape[1] != in_f or tuple(m.B.shape) != (out_f, r):
+                raise ShapeError(f"lora_A {tuple(m.A.shape)} / lora_B {tuple(m.B.shape)} do not fit "
+                                 f"[r, {in_f}] / [{out_f}, r]", lora_path, name)  # fmt: skip
+
+
+def _attach_sparse(sparse_path: Path, modules: dict[str, AdapterModule]) -> None:
+    """Set each module's CSR ``values`` / ``row_ptr`` / ``col_idx`` from the sparse sidecar, each triple checked."""
+    tensors = _load_checked(sparse_path)
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    for name in names:
+        if name not in modules:
+            raise ShapeError("sparse tensors for a module absent from the adapter metadata", sparse_path, name)
+        try:
+            values, row_ptr, col_idx = (tensors[f"{name}.{p}"] for p in ("values", "row_ptr", "col_idx"))
+        except KeyError as e:
+            raise MissingFileError(f"missing {e.args[0]}", sparse_path, name) from None
+        if not values.is_floating_point():
+            raise ShapeError(f"values must be float, got {values.dtype}", sparse_path, f"{name}.values")
+        check_csr(sparse_path, name, row_ptr, col_idx, values, modules[name].shape)
+        m = modules[name]
+        m.values, m.row_ptr, m.col_idx = values, row_ptr, col_idx
+
+
+def _check_declared_counts(directory: Path, meta: dict[str, Any], modules: dict[str, AdapterModule]) -> None:
+    """The rank and nnz the metadata declares must be what the weights hold (a missing or swapped file shows here)."""
     for name, info in meta["modules"].items():
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if (
-            not isinstance(shape, list)
-            or len(shape) != 2
-            or not all(isinstance(d, int) and 0 < d < 2**31 for d in shape)
-        ):
-            raise ShapeError(
-                f"module shape must be [out, in] positive integers, got {shape!r}", meta_path, name
-            )
-        shape_t = (shape[0], shape[1])
-        if expected_shapes is not None:
-            if name not in expected_shapes:
-                raise ShapeError("module is not a linear layer of the base model", meta_path, name)
-            if expected_shapes[name] != shape_t:
-                raise ShapeError(f"adapter shape {shape_t} != base layer shape {expected_shapes[name]}", meta_path,
-                                 name)  # fmt: skip
-        alpha = info.get("alpha", 16.0)
-        if type(alpha) not in (int, float) or not abs(alpha) <= MAX_ALPHA:  # `not <=` also catches NaN
-            raise FormatError(f"alpha must be a number in [-{MAX_ALPHA}, {MAX_ALPHA}], got {alpha!r}", meta_path, name)
-        extra = {k: v for k, v in info.items() if k not in ("shape", "rank", "alpha", "nnz")}
-        modules[name] = AdapterModule(shape=shape_t, alpha=float(alpha), extra=extra)
-    lora_path = directory / LORA_WEIGHTS
-    if lora_path.is_file():
-        tensors = _load_checked(lora_path)
-        for key, t in tensors.items():
-            if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise FormatError("unexpected tensor name in LoRA weights", lora_path, key)
-            name, part = key[len(PEFT_PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-            if name not in modules:
-                raise ShapeError("LoRA tensor for a module absent from the adapter metadata", lora_path, key)
-            setattr(modules[name], "A" if part == "lora_A" else "B", t)
-        for name, m in modules.items():
-            if (m.A is None) != (m.B is None):
-                raise MissingFileError("lora_A and lora_B must both be present", lora_path, name)
-            if m.A is not None:
-                if not (m.A.is_floating_point() and m.B.is_floating_point()):
-                    raise ShapeError(f"lora_A/lora_B must be float, got {m.A.dtype}/{m.B.dtype}", lora_path, name)
-                out_f, in_f = m.shape
-                r = m.A.shape[0]
-                if m.A.dim() != 2 or m.A.shape[1] != in_f or tuple(m.B.shape) != (out_f, r):
-                    raise ShapeError(f"lora_A {tuple(m.A.shape)} / lora_B {tuple(m.B.shape)} do not fit "
-                                     f"[r, {in_f}] / [{out_f}, r]", lora_path, name)  # fmt: skip
-    sparse_path = directory / SPARSE_WEIGHTS
-    if sparse_path.is_file():
-        tensors = _load_checked(sparse_path)
-        names = {k.rsplit(".", 1)[0] for k in tensors}
-        for name in names:
-            if name not in modules:
-                raise ShapeError(
-                    "sparse tensors for a module absent from the adapter metadata", sparse_path, name
-                )
-            try:
-                values, row_ptr, col_idx = (tensors[f"{name}.{p}"] for p in ("values", "row_ptr", "col_idx"))
-            except KeyError as e:
-                raise MissingFileError(f"missing {e.args[0]}", sparse_path, name) from None
-            if not values.is_floating_point():
-                raise ShapeError(f"values must be float, got {values.dtype}", sparse_path, f"{name}.values")
-            check_csr(sparse_path, name, row_ptr, col_idx, values, modules[name].shape)
-            m = modules[name]
-            m.values, m.row_ptr, m.col_idx = values, row_ptr, col_idx
-    for name, info in meta["modules"].items():  # a missing or swapped weights file must not go unnoticed
         for key, actual in (("rank", modules[name].rank), ("nnz", modules[name].nnz)):
             declared = info.get(key)
             if declared is not None and declared != actual:
                 raise ShapeError(f"{ADAPTER_META} declares {key} {declared!r} but the weights hold {actual}",
                                  directory, name)  # fmt: skip
+
+
+def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
+    """Read and validate an adapter directory.
+
+    Args:
+        directory: ``adapters/<name>`` inside a pack.
+        expected_shapes: module name -> (out, in) of the base model's linears; when given, every adapter
+            module must exist in the base with that shape.
+    """
+    directory = Path(directory)
+    meta_path, meta = _read_meta(directory)
+    modules = {
+        name: _module_from_meta(name, info, meta_path, expected_shapes) for name, info in meta["modules"].items()
+    }
+    if (directory / LORA_WEIGHTS).is_file():
+        _attach_lora(directory / LORA_WEIGHTS, modules)
+    if (directory / SPARSE_WEIGHTS).is_file():
+        _attach_sparse(directory / SPARSE_WEIGHTS, modules)
+    _check_declared_counts(directory, meta, modules)
     meta_rest = {k: v for k, v in meta.items() if k not in ("method", "modules")}
     return Adapter(modules=modules, method=str(meta.get("method", "unknown")), meta=meta_rest)

@@ -16,12 +16,16 @@ from pathlib import Path
 
 from sparsepack.formats.errors import SafetensorsHeaderError
 
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+# The one dtype table: safetensors' dtype name -> (torch dtype attribute, bytes per element). Everything else
+# (readers, the shard writer, the loader) derives from it.
+DTYPES = {
+    "BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4), "U32": ("uint32", 4), "F32": ("float32", 4),
+    "I64": ("int64", 8), "U64": ("uint64", 8), "F64": ("float64", 8),
 }  # fmt: skip
+DTYPE_BYTES = {name: size for name, (_torch, size) in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
 
 
@@ -34,6 +38,7 @@ class TensorInfo:
     dtype: str  # safetensors dtype name, e.g. "F16", "I32"
     shape: tuple[int, ...]
     offsets: tuple[int, int]  # relative to the start of the data section
+    data_start: int = 0  # byte offset of the data section in the file (8 + header length)
 
 
 class _DuplicateKey(ValueError):
@@ -110,7 +115,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"shape {shape} of {dtype} needs {nbytes} bytes but offsets span {end - begin}", path, name
             )
         spans.append((begin, end, name))
-        out[name] = TensorInfo(path, name, dtype, tuple(shape), (begin, end))
+        out[name] = TensorInfo(path, name, dtype, tuple(shape), (begin, end), 8 + n)
     spans.sort()
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
@@ -122,10 +127,9 @@ def read_tensor_bytes(info: TensorInfo) -> bytes:
     """The raw bytes of one tensor whose header :func:`read_header` validated (for small tensors: g_idx)."""
     try:
         with open(info.file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            f.seek(8 + n + info.offsets[0])
+            f.seek(info.data_start + info.offsets[0])
             data = f.read(info.offsets[1] - info.offsets[0])
-    except (OSError, struct.error) as e:
+    except OSError as e:
         raise SafetensorsHeaderError(f"cannot read: {e}", info.file, info.name) from None
     if len(data) != info.offsets[1] - info.offsets[0]:
         raise SafetensorsHeaderError("file shrank while being read", info.file, info.name)

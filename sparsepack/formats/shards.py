@@ -18,13 +18,9 @@ from pathlib import Path
 
 import torch
 
-# safetensors' dtype names (the header's "dtype" field)
-_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
-_ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for dt, name in _DTYPES.items()}
+from sparsepack.formats.safetensors_check import DTYPE_BYTES
+from sparsepack.formats.tensor_io import SAFETENSORS_NAMES
+
 _COPY_CHUNK = 8 << 20  # bytes per read/write when a shard is assembled from its spill file
 
 
@@ -51,7 +47,7 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
-        if tensor.dtype not in _DTYPES:
+        if tensor.dtype not in SAFETENSORS_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors name")
         self._names.add(name)
         t = tensor.detach().cpu().contiguous()
@@ -61,7 +57,8 @@ class ShardWriter:
             self._spill_bytes = 0
         if nbytes:
             self._spill.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._entries.append((name, _DTYPES[t.dtype], list(t.shape), self._spill_bytes, self._spill_bytes + nbytes))
+        end = self._spill_bytes + nbytes
+        self._entries.append((name, SAFETENSORS_NAMES[t.dtype], list(t.shape), self._spill_bytes, end))
         self._spill_bytes += nbytes
         self.total_bytes += nbytes
         if self._spill_bytes >= self.max_shard_bytes:
@@ -75,7 +72,7 @@ class ShardWriter:
         if self._spill is None:
             return
         spill, entries = self._spill, self._entries
-        order = sorted(entries, key=lambda e: (-_ITEMSIZE[e[1]], e[0]))  # safetensors' own order
+        order = sorted(entries, key=lambda e: (-DTYPE_BYTES[e[1]], e[0]))  # safetensors' own order
         header, offset = {"__metadata__": self.metadata}, 0
         for name, dtype, shape, start, end in order:
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - start]}

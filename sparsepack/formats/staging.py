@@ -142,18 +142,23 @@ def staged_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | str |
         raise
 
 
-def replace_file(path: Path, data: str | bytes, mode: int | None = None) -> None:
-    """Write the small file ``path`` atomically and durably: a temp sibling named for this process, fsynced,
-    renamed over it. ``mode``: its permissions (default: what the umask gives a new file)."""
+@contextlib.contextmanager
+def staged_file(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a fresh temp sibling (``NAME.tmp-PID-XXXXXXXX``) for the caller to write; on success fsync it and
+    rename it over ``path``, on failure delete it. ``mode``: the file's permissions (default: what the umask
+    gives; mkstemp's own is 0600)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f"{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -162,9 +167,15 @@ def replace_file(path: Path, data: str | bytes, mode: int | None = None) -> None
     fsync_dir(path.parent)
 
 
+def replace_file(path: Path, data: str | bytes, mode: int | None = None) -> None:
+    """Write the small file ``path`` atomically and durably (:func:`staged_file`)."""
+    with staged_file(path, mode) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+
+
 def stale_file_tmp(name: str) -> bool:
-    """``name`` is a :func:`replace_file` temp (``NAME.tmp-PID``) whose writer is dead."""
-    pid = name.rsplit(".tmp-", 1)[-1] if ".tmp-" in name else ""
+    """``name`` is a :func:`staged_file` temp (``NAME.tmp-PID-XXXXXXXX``) whose writer is dead."""
+    pid = name.rsplit(".tmp-", 1)[-1].split("-", 1)[0] if ".tmp-" in name else ""
     return pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 

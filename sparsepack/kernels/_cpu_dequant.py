@@ -5,9 +5,8 @@ A fused dequant-GEMM cannot beat MKL/oneDNN's GEMM at hundreds of tokens on CPU,
 packed words), then ``y += x[:, k0:k1] @ W[k0:k1]``. Peak extra memory is one chunk (at most
 ``_CHUNK_ELEMENTS`` floats), never a dense copy of the layer. Rows are read through ``g_idx``, so monotone and
 act-order layouts take the same path. A layer that fits one chunk (every SmolLM2 layer) is one ``x @ W`` into a
-fresh output, without the zero-fill and add; its dequantization runs on all threads from ~50 us of serial work
-(4-bit w4g64 at 512 tokens, 2 threads, Intel Xeon: 1.33x / 1.31x / 1.39x the fp32 matmul's time ->
-1.16x / 1.16x / 1.23x on the three SmolLM2 shapes).
+fresh output, without the zero-fill and add; its dequantization goes parallel at a lower threshold than other
+kernels, since its row chunks are equal, independent tasks (``_cpu_sparse.parallel``).
 
 The same pass can add a sparse matrix into the chunk (``fold``): ``W[k, n] += S[n, k]``, which is how the
 autograd layer gets ``x @ (W + S^T)`` for the price of the dequantization it does anyway.
@@ -23,14 +22,14 @@ import numpy as np
 import torch
 
 from sparsepack.kernels._backend import match_torch_threads
-from sparsepack.kernels._cpu_sparse import _JIT, parallel
+from sparsepack.kernels._cpu_sparse import JIT_OPTIONS, parallel
 
 _CHUNK_ELEMENTS = 1 << 21  # 8 MB of fp32 per chunk: whole SmolLM2/7B-attention layers in one or a few chunks
 _GEMV_MAX_TOKENS = 4  # up to this many tokens the fused kernel beats dequantize-then-GEMM
 _GEMV_COLS = 256  # output columns per fused-kernel task
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out, i):  # pragma: no cover
     # out[i, n] = scales[g, n] * (q[k, n] - zeros[g, n]) + the folded entries of row k = k0 + i, g = g_idx[k].
     # qweight int32 (K*bits/32, N) is one little-endian bit stream per column; zeros/scales (G, N) float.
@@ -60,19 +59,19 @@ def _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, f
         orow[fold_rows[e]] += fold_vals[e]
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(parallel=True, **JIT_OPTIONS)
 def _dequant_parallel(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out):  # pragma: no cover
     for i in numba.prange(out.shape[0]):
         _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out, i)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _dequant_serial(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out):  # pragma: no cover
     for i in range(out.shape[0]):
         _dequant_row(qweight, zeros, scales, g_idx, bits, k0, fold_ptr, fold_rows, fold_vals, out, i)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b):  # pragma: no cover - compiled
     # Output columns [b * _GEMV_COLS, ...) of out (T, N) = x (T, K) @ W, W rebuilt one input row at a time in a
     # register-sized block of columns.
@@ -108,19 +107,19 @@ def _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b):  # pragma: no c
     out[:, n0:n1] = acc
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(parallel=True, **JIT_OPTIONS)
 def _gemv_parallel(x, qweight, zeros, scales, g_idx, bits, out):  # pragma: no cover - compiled
     for b in numba.prange((out.shape[1] + _GEMV_COLS - 1) // _GEMV_COLS):
         _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _gemv_serial(x, qweight, zeros, scales, g_idx, bits, out):  # pragma: no cover - compiled
     for b in range((out.shape[1] + _GEMV_COLS - 1) // _GEMV_COLS):
         _gemv_block(x, qweight, zeros, scales, g_idx, bits, out, b)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _unpack_cols_kernel(packed, bits, n_cols):  # pragma: no cover - compiled
     # int32 (G, n_cols*bits/32) packed along dim 1 -> int32 (G, n_cols); same bit stream as qweight.
     out = np.empty((packed.shape[0], n_cols), dtype=np.int32)

@@ -1,18 +1,15 @@
 """Numba kernels for the sparse ops on CPU (imported on first use; see ``_backend.kernel_module``).
 
-Why numba: torch has no SDDMM that beats the dense GEMM on CPU (``torch.sparse.sampled_addmm`` costs ~8 ms at
-any density on a 1536x576 layer, the dense ``dy.T @ x`` + gather ~2.6 ms), and its CSR matmul is fast for some
-shapes and slow for others. The kernels below do the arithmetic on token-contiguous rows so that the inner loop
-is a unit-stride vector loop:
+Why numba: torch has no SDDMM that beats the dense GEMM on CPU (``torch.sparse.sampled_addmm`` is slower than the
+dense ``dy.T @ x`` + gather at any density), and its CSR matmul is fast for some shapes and slow for others. The
+kernels below do the arithmetic on token-contiguous rows so that the inner loop is a unit-stride vector loop:
 
 * ``x`` and ``dy`` arrive token-major (``[T, features]``). Both ops walk the tokens in blocks of 64
   (``_SPMM_TOKENS``, ``_SDDMM_TOKENS``): each block's rows are transposed (SIMD 8 x 8 blocks from
   ``_cpu_transpose``) into small feature-major buffers that stay in L2, so every gathered column is a contiguous
-  row of 64 values. Blocks are the parallel tasks, so the transposes run in parallel too. Against transposing
-  whole inputs first (through memory, on one thread) and then T-long rows: sddmm 1536 x 576 at 0.6% and 512
-  tokens 1258 -> 480 us on one thread (Intel Xeon); spmm at 1% and 512 tokens (``benchmarks/kernels.py``, min
-  of 15) 1536 x 576 0.96 -> 0.87 ms on one thread and 0.63 -> 0.43 ms on two, 576 x 1536 1.26 -> 0.76 and
-  1.06 -> 0.44 ms.
+  row of 64 values. Blocks are the parallel tasks, so the transposes run in parallel too. This beats
+  transposing whole inputs first (through memory, on one thread) and then walking T-long rows
+  (``docs/BENCHMARKS.md``, Kernels).
 * spmm runs the CSR rows of ``S`` over the block, ``_ROWS`` output rows at a time into an accumulator
   ``acc[r, :] += v * xb[c, :]``, and writes each accumulator back token-major (SIMD 8 x 8 transposes), so the
   output needs no separate transpose. Blocks write disjoint token rows. ``add_spmm_arrays_`` adds into an
@@ -41,21 +38,15 @@ from sparsepack.kernels._cpu_transpose import transpose_rows_into, write_back
 from sparsepack.kernels.sparse import csr_row_indices
 
 _FASTMATH = {"reassoc", "contract"}
-_JIT = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
+JIT_OPTIONS = dict(cache=True, fastmath=_FASTMATH, error_model="numpy")
 _ROWS = 16  # output rows per spmm accumulator: one 64-byte line of fp32 outputs per token on write-back
 _SPMM_TOKENS = 64  # tokens per spmm block: in x 64 fp32 transposed inputs, in L2 (32 and 128: slower)
 _SDDMM_TOKENS = 64  # tokens per sddmm block: (out + in) x 64 fp32 transposed values, in L2 (32 and 128: slower)
-# Serial nanoseconds per unit of work (multiply-add, dequantized weight) of each kernel, measured here (AMD EPYC,
-# 2 cores), and the estimated serial time below which a call runs on the calling thread: starting numba's
-# workqueue threads costs 65-85 us per parallel call (they sleep in between), and with two cores the second
-# thread only pays off on calls well above that. Measured serial / parallel (2 threads): 4-bit 1536 x 576
-# decode product 197 / 294 us, 4096 x 4096 4120 / 2170 us. sddmm (the token-blocked kernel, its transposes
-# included; Intel Xeon, 2 cores): 1536 x 576 at 0.6% and 512 tokens 480 us serial; its parallel driver was faster
-# alone (278 us) but slower inside a training step (sddmm 140 -> 159 ms per step), so such calls stay serial.
-# Two kernels split into equal, independent tasks and won with their parallel driver from ~90 us of serial work
-# up (Intel Xeon, 2 threads, a torch GEMM between calls), so they have a lower threshold: the token-blocked spmm
-# (576 x 576 at 1% and 128 tokens 77 -> 50 us, 1536 x 576 at 0.6% and 128 tokens 148 -> 80 us) and the
-# dequantization of a chunk of rows (4-bit 576 x 1536 259 -> 74 us, 576 x 576 93 -> 30 us).
+# Serial nanoseconds per unit of work (multiply-add, dequantized weight) of each kernel, and the estimated serial
+# time below which a call runs on the calling thread: waking numba's sleeping workqueue threads costs more than
+# short calls compute. sddmm stays below it in training (its parallel driver was slower inside a training step);
+# spmm and the dequantization split into equal, independent tasks, so they go parallel sooner. Figures in
+# docs/BENCHMARKS.md, Kernels.
 _NS_PER_UNIT = {"spmm": 0.2, "sddmm": 0.18, "dequant": 0.18, "gemv": 0.22}
 _PARALLEL_MIN_NS = 500_000
 _PARALLEL_MIN_NS_BY_KERNEL = {"spmm": 100_000, "dequant": 50_000}
@@ -67,18 +58,18 @@ def parallel(kernel: str, units: int) -> bool:
     return units * _NS_PER_UNIT[kernel] >= floor and torch.get_num_threads() > 1
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _blocks(a, tokens):  # pragma: no cover - compiled
     return (a.shape[0] + tokens - 1) // tokens
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _spmm_scratch(x, tokens, rows):  # pragma: no cover - compiled
     # (in, tokens): one block's rows of x, transposed; (rows, tokens): the accumulator of `rows` outputs
     return np.empty((x.shape[1], tokens), dtype=x.dtype), np.empty((rows, tokens), dtype=x.dtype)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _spmm_task(x, values, row_ptr, col_idx, y, tokens, b, accumulate, xb, acc):  # pragma: no cover - compiled
     # Block b of spmm: y[t, r] (+)= sum_j values[j] * x[t, col_idx[j]] over j in row r, for every output row r
     # and the tokens t of block b.  x (T, in), y (T, out); xb, acc: scratch from _spmm_scratch
@@ -100,14 +91,14 @@ def _spmm_task(x, values, row_ptr, col_idx, y, tokens, b, accumulate, xb, acc): 
         write_back(acc, r1 - r0, n, y, r0, t0, accumulate)  # token-major, through 8 x 8 SIMD transposes
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(parallel=True, **JIT_OPTIONS)
 def _spmm_parallel(x, values, row_ptr, col_idx, y, tokens, accumulate):  # pragma: no cover - compiled
     for b in numba.prange(_blocks(x, tokens)):  # blocks write disjoint token rows of y
         xb, acc = _spmm_scratch(x, tokens, _ROWS)
         _spmm_task(x, values, row_ptr, col_idx, y, tokens, b, accumulate, xb, acc)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _spmm_serial(x, values, row_ptr, col_idx, y, tokens, accumulate):  # pragma: no cover - compiled
     xb, acc = _spmm_scratch(x, tokens, _ROWS)
     for b in range(_blocks(x, tokens)):
@@ -119,13 +110,13 @@ def _spmm_kernel(x, values, row_ptr, col_idx, y, accumulate) -> None:
     kernel(x, values, row_ptr, col_idx, y, _SPMM_TOKENS, accumulate)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _sddmm_scratch(dy, x, tokens):  # pragma: no cover - compiled
     # (out, tokens) and (in, tokens): one block's rows of dy and x, transposed
     return np.empty((dy.shape[1], tokens), dtype=dy.dtype), np.empty((x.shape[1], tokens), dtype=x.dtype)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, accumulate, dyb, xb):  # pragma: no cover - compiled
     # out[i] (+)= sum over the tokens t of block b of dy[t, row_idx[i]] * x[t, col_idx[i]].  dy (T, out), x (T, in);
     # dyb, xb: scratch from _sddmm_scratch
@@ -142,7 +133,7 @@ def _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, accumulate, dyb, xb):  
         out[i] = out[i] + s if accumulate else s
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(parallel=True, **JIT_OPTIONS)
 def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
     nb = _blocks(dy, tokens)
     parts = np.empty((nb, out.shape[0]), dtype=out.dtype)
@@ -155,14 +146,14 @@ def _sddmm_parallel(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover -
             out[i] = out[i] + parts[b, i]
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _sddmm_serial(dy, x, row_idx, col_idx, out, tokens):  # pragma: no cover - compiled
     dyb, xb = _sddmm_scratch(dy, x, tokens)  # once: the blocks run one after another
     for b in range(_blocks(dy, tokens)):
         _sddmm_task(dy, x, row_idx, col_idx, out, tokens, b, b > 0, dyb, xb)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _coo_to_csc_kernel(row_idx, col_idx, n_cols):  # pragma: no cover - compiled
     # Stable counting sort of entries by column: (col_ptr [n_cols + 1], perm [nnz]); entry k of the
     # column-sorted order is input entry perm[k], so row-sorted (CSR) input stays row-sorted per column.
@@ -242,7 +233,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, row_idx: torch.Tensor, col_idx: tor
     return out.to(dy.dtype)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_OPTIONS)
 def _correction_kernel(x, y, A, Bt, scaling, values, row_idx, col_idx):  # pragma: no cover - compiled
     # y[t] += scaling * B (A x[t]) + S x[t] in place, token by token.  x (T, in), y (T, out), A (r, in) and
     # Bt = B^T (r, out) (r = 0: no low-rank part), S as COO (row_idx, col_idx, values) (empty: no sparse part).

@@ -1,27 +1,13 @@
-"""Build an HF causal LM with no weights (meta device) and materialize what a checkpoint does not hold.
+"""Materialize what a checkpoint does not hold in a model built on the meta device.
 
-Used by the loader (build, swap modules, then load tensors with ``assign=True``) and by the pack reader to
-know every tensor's expected shape without allocating the model.
+The meta model itself comes from ``formats.model_config.meta_model`` (the pack reader builds it to check every
+tensor's shape; the loader then swaps modules and loads tensors into it with ``assign=True``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
-
-
-def empty_model(config: PretrainedConfig, dtype: torch.dtype | None = None) -> nn.Module:
-    """An ``AutoModelForCausalLM`` for ``config`` with every parameter and buffer on the meta device."""
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-    return model.eval()
-
-
-def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Fully qualified name -> (out_features, in_features) of every ``nn.Linear``."""
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def materialize_buffers(model: nn.Module, device: torch.device | str = "cpu", check: bool = True) -> None:

@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 from sparsepack.config import QuantConfig
 from sparsepack.formats import gptq_layout
 from sparsepack.formats.manifest import Manifest, StageRecord
-from sparsepack.formats.pack import read_pack, write_pack
+from sparsepack.formats.pack import Pack, read_pack, write_pack
 from sparsepack.formats.shards import ShardWriter
 from sparsepack.formats.staging import check_output
-from sparsepack.layers.skeleton import empty_model, materialize_buffers
+from sparsepack.formats.tensor_io import load_tensors
+from sparsepack.formats.tokenizer import copy_tokenizer_files, load_tokenizer
+from sparsepack.layers.skeleton import materialize_buffers
 from sparsepack.pipeline import gptq
 from sparsepack.pipeline.blocks import (
     BlockInput,
@@ -47,12 +49,10 @@ from sparsepack.pipeline.blocks import (
 )
 from sparsepack.pipeline.blocks import sequential_groups as discover_groups
 from sparsepack.pipeline.data import source_path
-from sparsepack.runtime.loader import load_tensors
-from sparsepack.runtime.tokenizer import copy_tokenizer_files, load_tokenizer
 
 # Largest block-child output a true-sequential pass may keep for the next passes over the same block, as a
-# multiple of the block input's size (see blocks.ReplayCache): 1.0 keeps the norms and the attention (their
-# recomputation was about 40% of the block time on SmolLM2), 0 turns the cache off.
+# multiple of the block input's size (see blocks.ReplayCache): 1.0 keeps the norms and the attention, whose
+# recomputation is a large share of the block time (docs/BENCHMARKS.md, Compress); 0 turns the cache off.
 REPLAY_MAX_RATIO = 1.0
 # Largest input of a child-ending linear (o_proj, down_proj) kept to replay that child as the linear alone,
 # likewise (down_proj's is 2.7x on SmolLM2); 0 turns tails off.
@@ -78,10 +78,10 @@ def _mmap_large_allocations(threshold: int = 64 << 20) -> None:
     kind, each far above ``threshold`` and so an mmap of its own, freed to the system when dropped; the
     heap holds only short-lived tensors (below it), is reused batch after batch, and is trimmed after each
     block (:func:`_trim_heap`). glibc's default instead raises its threshold after the first large free
-    and carves the kept activations out of the heap, where they pin it (SmolLM2: peak RSS crept up block
-    after block). A 1 MiB threshold also stopped the creep but made every activation a fresh mmap: 19 M page
-    faults and 39 s of system time in a 95 s run; at 64 MiB, 3.8 M and 8 s. The setting is process-wide,
-    hence only here; a MALLOC_MMAP_THRESHOLD_ set in the environment wins.
+    and carves the kept activations out of the heap, where they pin it (peak RSS creeps up block after block).
+    A 1 MiB threshold also stops the creep but makes every activation a fresh mmap, whose page faults cost
+    system time (docs/BENCHMARKS.md, Compress). The setting is process-wide, hence only here; a
+    MALLOC_MMAP_THRESHOLD_ set in the environment wins.
     """
     libc = _libc()
     if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -96,19 +96,17 @@ def _trim_heap() -> None:
 
 
 # From this width up, a block whose forwards run in bf16 quantizes the source's wider weights rather than their bf16
-# copies: bf16 rounds a weight by up to 2^-9 of it, about a tenth of an 8-bit step (SmolLM2, 8-bit g64, pydoc@eval
-# perplexity 16.30 -> 16.16, fp32 16.19). At 3 and 4 bits the rounding is under 2% of a step and measured no
-# better: held-out perplexity over calibration seeds 0-2, source weights vs bf16 copies, 4-bit 19.92 vs 19.92
-# (mean), 3-bit 41.0 vs 36.9 (bf16 copies better on every seed; the reason is not established).
+# copies: bf16 rounds a weight by up to 2^-9 of it, about a tenth of an 8-bit step but under 2% of a 4-bit one,
+# where the source weights were no better (docs/BENCHMARKS.md, Compress).
 MASTER_MIN_BITS = 8
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype of the calibration forwards: ``name``, or for ``auto`` bfloat16 where it runs natively.
 
-    GPTQModel also runs its CPU forwards in bf16. On SmolLM2 (2 cores with AVX512-BF16) bf16 took the
-    4-bit run from 178 s to 131 s and its held-out perplexity from 20.38 to 19.72: the Hessians and the
-    GPTQ walk stay in fp32, only the activations they are built from are bf16.
+    GPTQModel also runs its CPU forwards in bf16: faster on such CPUs, at no cost in held-out perplexity
+    (docs/BENCHMARKS.md, Compress). The Hessians and the GPTQ walk stay in fp32, only the activations they are
+    built from are bf16.
     """
     if name != "auto":
         return getattr(torch, name)
@@ -155,7 +153,7 @@ def relative_output_error(weight: torch.Tensor, w_q: torch.Tensor, H: torch.Tens
     """``||X dW^T||_F / ||X W^T||_F`` from the Hessian ``H ~ 2/n X^T X``: ``sqrt(tr(dW H dW^T) / tr(W H W^T))``.
 
     Exact for the calibration inputs, without keeping them. Computed in ``H``'s dtype (at least fp32): a
-    report figure needs a few digits, not fp64's (which took 6 s of a 130 s SmolLM2 run).
+    report figure needs a few digits, not fp64's cost.
     """
     dtype = torch.promote_types(H.dtype, torch.float32)
     H = H.to(dtype)
@@ -199,9 +197,8 @@ def _cpu_threads(n: int, device: torch.device):
 def _quantize_weight(weight: torch.Tensor, H: torch.Tensor | None, inv, cfg: QuantConfig) -> gptq.QuantParams:
     if cfg.method == "rtn":
         return gptq.rtn_quantize_params(weight, cfg.bits, cfg.group_size, cfg.sym)
-    # The GPTQ loop is thousands of tiny ops: one thread. With two, every op pays an OpenMP fork/join, and
-    # when another job holds the cores each join waits for a descheduled thread: measured here, a 576x1536
-    # layer took 0.6-4.5 s with 2 threads beside a busy neighbour and 0.05-0.25 s with 1 (the same idle).
+    # The GPTQ loop is thousands of tiny ops: one thread. With two, every op pays an OpenMP fork/join, and when
+    # another job holds the cores each join waits for a descheduled thread (docs/BENCHMARKS.md, Compress).
     with _cpu_threads(1, weight.device):
         clip = gptq.ClipSearch(cfg.clip_search) if cfg.clip_search else None
         return gptq.gptq_quantize(weight, inv, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp,
@@ -284,19 +281,36 @@ def _to_device_except(model: nn.Module, prefix: str, device: torch.device) -> No
         setattr(parent, attr, blocks)
 
 
-def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite: bool = False,
-             progress: bool = True, report: str | Path | None = None) -> CompressResult:  # fmt: skip
-    """Quantize the HF model at ``model_dir`` into a pack at ``out`` (atomic: nothing at ``out`` on failure)."""
-    start = time.perf_counter()
-    read_paths = [model_dir, source_path(cfg.calib)]
-    check_output(Path(out), overwrite, read_paths)  # before any work: an hour of quantization must not end refused
+@dataclass
+class _Source:
+    """The model being compressed, opened for the block-by-block walk: built on meta, blocks not yet read."""
+
+    model_dir: Path
+    pack: Pack  # the source, read without hashing; its block tensors are read when each block's turn comes
+    prefix: str  # module path of the decoder blocks, e.g. "model.layers"
+    blocks: nn.ModuleList  # on the meta device until their turn, and again after it
+    outside: dict[str, Any]  # the source's tensors outside the blocks (embeddings, final norm, head), by name
+    device: torch.device
+    dtype: torch.dtype  # of the calibration forwards
+    # the next block's calibration inputs (None for RTN), overwritten by each block's outputs; dropped (set to None)
+    # once the last block is done, so the activations are freed before the rest is written
+    inputs: list[BlockInput] | None = None
+    calib_windows: int = 0
+
+
+def _open_source(model_dir: str | Path, cfg: QuantConfig) -> _Source:
+    """Build the source model on meta, with everything but the blocks loaded, and capture the first block's inputs.
+
+    Raises:
+        ValueError: the source is already GPTQ-quantized.
+    """
     device = torch.device(cfg.device)
     if device.type == "cpu":
         _mmap_large_allocations()
     src = read_pack(Path(model_dir), verify=False, check_config=True)
     if src.quant is not None:
         raise ValueError(f"{model_dir}: already GPTQ-quantized; compress needs the unquantized model")
-    model = empty_model(src.config)
+    model = src.take_skeleton()
     prefix, blocks = check_quantizable(model, cfg)
     outside = {k: v for k, v in src.tensors.items() if not k.startswith(prefix + ".")}
     dtype = compute_dtype(cfg.dtype, device)  # the embeddings' dtype sets the activations' (and rotary tables')
@@ -304,76 +318,123 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
     model.tie_weights()
     materialize_buffers(model, check=False)
     _to_device_except(model, prefix, device)
-    result = CompressResult(path=Path(out), dtype=str(dtype).removeprefix("torch."))
-
-    inputs = None
+    source = _Source(Path(model_dir), src, prefix, blocks, outside, device, dtype)
     if cfg.method == "gptq":
         from sparsepack.pipeline.data import sample_windows
 
         windows = sample_windows(load_tokenizer(model_dir), cfg.calib, cfg.seqlen, cfg.nsamples, cfg.seed)
-        result.calib_windows = windows.shape[0]
-        inputs = capture_block_inputs(model, blocks[0], windows, cfg.batch_size, device)
+        source.calib_windows = windows.shape[0]
+        source.inputs = capture_block_inputs(model, blocks[0], windows, cfg.batch_size, device)
     # Embeddings, final norm, head: not needed again until they are written (from the source) at the end.
     _to_device_except(model, prefix, torch.device("meta"))
+    return source
 
-    def populate(tmp: Path) -> None:
-        nonlocal inputs
-        writer = ShardWriter(tmp)
-        bar = tqdm(total=len(blocks), desc="compress", unit="block", disable=not progress)
-        for i in range(len(blocks)):
-            block_prefix = f"{prefix}.{i}"
-            block = blocks[i]
-            own = {k[len(block_prefix) + 1 :]: v for k, v in src.tensors.items() if k.startswith(block_prefix + ".")}
-            loaded = load_tensors(own)
-            state = {k: t.to(dtype).clone() for k, t in loaded.items()}
-            block.load_state_dict(state, strict=True, assign=True)
-            block.to(device)
-            bar.set_description(f"compress {block_prefix}")
-            names = _targets(block, block_prefix, cfg)
-            masters = {}
-            if cfg.bits >= MASTER_MIN_BITS:
-                masters = {n: loaded[f"{n}.weight"].to(device, torch.float32) for n in names
-                           if loaded[f"{n}.weight"].dtype.itemsize > dtype.itemsize}  # fmt: skip
-            del loaded
-            cache = None
-            if inputs and cfg.true_sequential:
-                cache = ReplayCache(block, inputs[0], REPLAY_MAX_RATIO, REPLAY_TAIL_RATIO)
-            with torch.no_grad():
-                result.layers += _quantize_block(block, block_prefix, names, inputs, cfg, writer, bar, cache, masters)
-                for key, t in block.state_dict().items():
-                    if key.rsplit(".", 1)[0] not in names:
-                        writer.add(f"{block_prefix}.{key}", t.to(torch.float16))
-                if inputs is not None and i + 1 < len(blocks):
-                    # in place, batch by batch: the block's inputs and outputs never both live in full
-                    for j, out in enumerate(run_block(block, inputs, cache)):
-                        inputs[j].hidden.copy_(out)
-            del cache
-            blocks[i] = block.to("meta")  # release the block's memory
-            if device.type == "cpu":
-                _trim_heap()
-            bar.update(1)
-        bar.close()
-        inputs = None  # the activations are not needed for writing the rest
-        tied = {"lm_head.weight"} if getattr(src.config, "tie_word_embeddings", False) else set()
-        for key in sorted(outside):
-            if key not in tied:
-                writer.add(key, load_tensors({key: outside[key]})[key].to(torch.float16))
-        writer.close()
-        result.bytes_written = writer.total_bytes
-        config = src.config.to_dict()
-        config["quantization_config"] = cfg.gptq_config()
-        config["torch_dtype"] = "float16"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "quantize_config.json").write_text(json.dumps(cfg.gptq_config(), indent=2))
-        copy_tokenizer_files(Path(model_dir), tmp)
-        result.seconds = time.perf_counter() - start
-        manifest.quantization["layers"] = {
-            r.name: {"rel_error": r.rel_error, "seconds": round(r.seconds, 4), "damp": r.damp} for r in result.layers
-        }
-        manifest.history[0].summary = result.summary()
-        if report is not None:
-            write_report(Path(report), result, cfg)
 
+def _load_block(block: nn.Module, block_prefix: str, source: _Source,
+                cfg: QuantConfig) -> tuple[list[str], dict[str, torch.Tensor]]:  # fmt: skip
+    """Read ``block``'s weights from the source onto the device, in the forwards' dtype.
+
+    Returns:
+        The names of the linears to quantize, and their master weights: the source's weights in fp32 where they are
+        wider than the forwards' dtype and ``cfg.bits >= MASTER_MIN_BITS`` (else none).
+    """
+    own = {k[len(block_prefix) + 1 :]: v for k, v in source.pack.tensors.items() if k.startswith(block_prefix + ".")}
+    loaded = load_tensors(own)
+    state = {k: t.to(source.dtype).clone() for k, t in loaded.items()}
+    block.load_state_dict(state, strict=True, assign=True)
+    block.to(source.device)
+    names = _targets(block, block_prefix, cfg)
+    masters = {}
+    if cfg.bits >= MASTER_MIN_BITS:
+        masters = {n: loaded[f"{n}.weight"].to(source.device, torch.float32) for n in names
+                   if loaded[f"{n}.weight"].dtype.itemsize > source.dtype.itemsize}  # fmt: skip
+    return names, masters
+
+
+def _compress_blocks(writer: ShardWriter, source: _Source, cfg: QuantConfig, progress: bool) -> list[LayerReport]:
+    """Quantize the blocks one at a time into ``writer``, each block's quantized outputs the next one's inputs.
+
+    Only the block in turn is off the meta device; ``source.inputs`` is overwritten in place by its outputs.
+    """
+    blocks, inputs, reports = source.blocks, source.inputs, []
+    bar = tqdm(total=len(blocks), desc="compress", unit="block", disable=not progress)
+    for i in range(len(blocks)):
+        block_prefix = f"{source.prefix}.{i}"
+        block = blocks[i]
+        bar.set_description(f"compress {block_prefix}")
+        names, masters = _load_block(block, block_prefix, source, cfg)
+        cache = None
+        if inputs and cfg.true_sequential:
+            cache = ReplayCache(block, inputs[0], REPLAY_MAX_RATIO, REPLAY_TAIL_RATIO)
+        with torch.no_grad():
+            reports += _quantize_block(block, block_prefix, names, inputs, cfg, writer, bar, cache, masters)
+            for key, t in block.state_dict().items():
+                if key.rsplit(".", 1)[0] not in names:
+                    writer.add(f"{block_prefix}.{key}", t.to(torch.float16))
+            if inputs is not None and i + 1 < len(blocks):
+                # in place, batch by batch: the block's inputs and outputs never both live in full
+                for j, out in enumerate(run_block(block, inputs, cache)):
+                    inputs[j].hidden.copy_(out)
+        del cache
+        blocks[i] = block.to("meta")  # release the block's memory
+        if source.device.type == "cpu":
+            _trim_heap()
+        bar.update(1)
+    bar.close()
+    return reports
+
+
+def _write_outside(writer: ShardWriter, source: _Source) -> None:
+    """The tensors outside the blocks, from the source in fp16 (a head tied to the embeddings is not stored)."""
+    tied = {"lm_head.weight"} if getattr(source.pack.config, "tie_word_embeddings", False) else set()
+    for key in sorted(source.outside):
+        if key not in tied:
+            writer.add(key, load_tensors({key: source.outside[key]})[key].to(torch.float16))
+
+
+def _write_configs(tmp: Path, source: _Source, cfg: QuantConfig) -> None:
+    """``config.json`` with the GPTQ ``quantization_config``, ``quantize_config.json`` and the tokenizer files."""
+    config = source.pack.config.to_dict()
+    config["quantization_config"] = cfg.gptq_config()
+    config["torch_dtype"] = "float16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "quantize_config.json").write_text(json.dumps(cfg.gptq_config(), indent=2))
+    copy_tokenizer_files(source.model_dir, tmp)
+
+
+def _populate(tmp: Path, *, source: _Source, cfg: QuantConfig, result: CompressResult, manifest: Manifest,
+              start: float, progress: bool, report: str | Path | None) -> None:  # fmt: skip
+    """``write_pack``'s populate step: every file of the pack into the staging directory ``tmp``.
+
+    Fills ``result`` and the manifest's per-layer records and summary (the manifest is written after this returns);
+    ``start`` is when the command began (``time.perf_counter``).
+    """
+    writer = ShardWriter(tmp)
+    result.layers += _compress_blocks(writer, source, cfg, progress)
+    source.inputs = None  # the activations are not needed for writing the rest
+    _write_outside(writer, source)
+    writer.close()
+    result.bytes_written = writer.total_bytes
+    _write_configs(tmp, source, cfg)
+    result.seconds = time.perf_counter() - start
+    manifest.quantization["layers"] = {
+        r.name: {"rel_error": r.rel_error, "seconds": round(r.seconds, 4), "damp": r.damp} for r in result.layers
+    }
+    manifest.history[0].summary = result.summary()
+    if report is not None:
+        write_report(Path(report), result, cfg)
+
+
+def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite: bool = False,
+             progress: bool = True, report: str | Path | None = None) -> CompressResult:  # fmt: skip
+    """Quantize the HF model at ``model_dir`` into a pack at ``out`` (atomic: nothing at ``out`` on failure)."""
+    start = time.perf_counter()
+    read_paths = [model_dir, source_path(cfg.calib)]
+    check_output(Path(out), overwrite, read_paths)  # before any work: an hour of quantization must not end refused
+    source = _open_source(model_dir, cfg)
+    result = CompressResult(path=Path(out), calib_windows=source.calib_windows,
+                            dtype=str(source.dtype).removeprefix("torch."))  # fmt: skip
+    src = source.pack
     num_params = sum(math.prod(t.shape) for t in src.tensors.values())
     manifest = Manifest(
         base={"source": str(model_dir), "model_type": src.config.model_type,
@@ -381,6 +442,8 @@ def compress(model_dir: str | Path, out: str | Path, cfg: QuantConfig, overwrite
         quantization={**cfg.gptq_config(), "method": cfg.method},
         history=[StageRecord("compress", args=cfg.to_dict())],
     )  # fmt: skip
+    populate = functools.partial(_populate, source=source, cfg=cfg, result=result, manifest=manifest, start=start,
+                                 progress=progress, report=report)  # fmt: skip
     write_pack(out, manifest, populate, overwrite=overwrite, inputs=read_paths)
     result.seconds = time.perf_counter() - start
     return result

@@ -2,7 +2,8 @@
 
 A SOURCE string names where the text comes from:
 
-- ``path/to/file.txt`` -- one text file, cut into documents of roughly 4000 characters at blank lines;
+- ``path/to/file.txt`` -- one text file, cut into documents of roughly 4000 characters at blank lines (the
+  unit of the split; the token stream keeps the file's text contiguous, see below);
 - ``path/to/dir`` -- every file under it, recursively, sorted by relative path; hidden files and folders are
   skipped, and so (with a warning) is a binary file;
 - ``path/to/data.jsonl`` -- one document per line; a record holds ``text``, or ``prompt`` + ``completion``;
@@ -16,7 +17,10 @@ Document ids use paths relative to the source (``notes.txt#3``, ``sub/a.jsonl:12
 split does not depend on where the data lives, on the machine or on the run.
 
 Token layout: :func:`token_stream` concatenates documents into one ``[T]`` stream joined by the tokenizer's
-EOS; windows are ``[n, seqlen]`` int64 rows cut from it.
+EOS; windows are ``[n, seqlen]`` int64 rows cut from it. EOS goes only between real documents (jsonl records,
+separate files, pydoc topics, or chunks of one file that the split left apart): chunks that were adjacent in a
+file are joined by the file's own text between them and tokenized as one string, so the windows of a whole file
+are those of the tokenized file, as GPTQ's and lm-eval's whole-stream perplexity cut them.
 """
 
 from __future__ import annotations
@@ -54,11 +58,15 @@ class Document:
         id: stable name, relative to the source (see the module docstring); the split hashes it.
         text: the text, or the completion of a prompt/completion record.
         prompt: the prompt of a prompt/completion record, else None.
+        follows: id of the chunk of the same file that this chunk directly continues, else None.
+        sep: the file's text between that chunk and this one (whitespace); joins the two instead of EOS.
     """
 
     id: str
     text: str
     prompt: str | None = None
+    follows: str | None = None
+    sep: str = ""
 
     @property
     def full_text(self) -> str:
@@ -81,36 +89,50 @@ def describe_split() -> str:
 # ---------------------------------------------------------------- reading
 
 
-def _chunk_text(text: str, target: int = CHUNK_CHARS) -> list[str]:
+def _chunk_spans(text: str, target: int = CHUNK_CHARS) -> list[tuple[int, int]]:
     """Cut text at blank lines into pieces of at least ``target`` characters (the last may be shorter).
 
     A stretch with no blank line longer than twice the target is cut again at single newlines, so a file
     without paragraphs still yields several documents.
+
+    Returns:
+        ``(start, end)`` offsets of each piece with its surrounding whitespace left out, in text order; the
+        text between two consecutive pieces is whitespace only.
     """
     pieces, start = [], 0
     for m in _BLANK_LINE.finditer(text):
         if m.end() - start >= target:
-            pieces.append(text[start : m.end()])
+            pieces.append((start, m.end()))
             start = m.end()
-    pieces.append(text[start:])
+    pieces.append((start, len(text)))
     out = []
-    for piece in pieces:
-        if len(piece) > 2 * target and "\n" in piece.strip():
-            out.extend(_cut_at_newlines(piece, target))
+    for s, e in pieces:
+        if e - s > 2 * target and "\n" in text[s:e].strip():
+            out.extend(_cut_at_newlines(text, s, e, target))
         else:
-            out.append(piece)
-    return [p.strip() for p in out if p.strip()]
+            out.append((s, e))
+    return [span for s, e in out if (span := _strip_span(text, s, e))]
 
 
-def _cut_at_newlines(text: str, target: int) -> list[str]:
-    lines, pieces, size = text.splitlines(keepends=True), [[]], 0
-    for line in lines:
-        pieces[-1].append(line)
+def _cut_at_newlines(text: str, start: int, end: int, target: int) -> list[tuple[int, int]]:
+    """``text[start:end]`` cut at the first line end after each ``target`` characters, as offsets."""
+    spans, size = [], 0
+    for line in text[start:end].splitlines(keepends=True):  # keepends: the lines add up to the piece exactly
         size += len(line)
         if size >= target:
-            pieces.append([])
-            size = 0
-    return ["".join(p) for p in pieces if p]
+            spans.append((start, start + size))
+            start, size = start + size, 0
+    return spans + [(start, start + size)] if size else spans
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int] | None:
+    """``(start, end)`` narrowed to leave out surrounding whitespace, as ``str.strip`` does; None if all is."""
+    piece = text[start:end]
+    stripped = piece.strip()
+    if not stripped:
+        return None
+    start += len(piece) - len(piece.lstrip())
+    return start, start + len(stripped)
 
 
 def _read_text(path: Path, source: str) -> str:
@@ -155,7 +177,13 @@ def _read_jsonl(path: Path, rel: str, source: str) -> list[Document]:
 def _read_file(path: Path, rel: str, source: str) -> list[Document]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path, rel, source)
-    return [Document(f"{rel}#{i}", chunk) for i, chunk in enumerate(_chunk_text(_read_text(path, source)))]
+    text = _read_text(path, source)
+    docs, prev_end = [], 0
+    for i, (start, end) in enumerate(_chunk_spans(text)):
+        follows = f"{rel}#{i - 1}" if i else None
+        docs.append(Document(f"{rel}#{i}", text[start:end], follows=follows, sep=text[prev_end:start] if i else ""))
+        prev_end = end
+    return docs
 
 
 def _read_directory(root: Path, source: str) -> list[Document]:
@@ -253,15 +281,31 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
 
 
+def _contiguous_texts(docs: Sequence[Document]) -> list[str]:
+    """The documents' texts, each run of chunks that were adjacent in one file rejoined by the file's own text."""
+    runs: list[list[str]] = []
+    prev: Document | None = None
+    for doc in docs:
+        if prev is not None and doc.follows == prev.id:
+            runs[-1] += [doc.sep, doc.full_text]
+        else:
+            runs.append([doc.full_text])
+        prev = doc
+    return ["".join(run) for run in runs]
+
+
 def token_stream(tokenizer, docs: Sequence[Document]) -> torch.Tensor:
     """Tokenize documents (no special tokens) and join them with EOS when the tokenizer has one.
+
+    Chunks that were adjacent in one file are tokenized as one string (see the module docstring): a tokenizer
+    may merge or prefix tokens differently at a chunk boundary, and an EOS there is not in the text.
 
     Returns:
         int64 tensor ``[T]``.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    for i, doc_ids in enumerate(_encode(tokenizer, [d.full_text for d in docs])):
+    for i, doc_ids in enumerate(_encode(tokenizer, _contiguous_texts(docs))):
         ids.extend((eos if i else []) + doc_ids)
     return torch.tensor(ids, dtype=torch.long)
 

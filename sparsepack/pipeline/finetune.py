@@ -23,7 +23,7 @@ from sparsepack.config import TrainConfig
 from sparsepack.formats.adapter_layout import Adapter, write_adapter
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, StageRecord
 from sparsepack.formats.pack import Pack, write_pack
-from sparsepack.formats.staging import check_output
+from sparsepack.formats.staging import check_output, staged_file
 from sparsepack.methods.presets import PRESETS
 from sparsepack.pipeline import checkpoint as ckpt
 from sparsepack.pipeline.trainer import Trainer, main_steps, plan_phases
@@ -104,10 +104,8 @@ def teacher_samples(teacher: torch.nn.Module, tokenizer, n: int, seqlen: int, se
     return torch.cat(rows)
 
 
-# --kl-samples auto: about four reads per sample, within these bounds. Measured on the sample (BENCHMARKS.md,
-# Finetune, Quality): 128 samples at 160 steps (640 reads); at 480 steps (1920 reads) 512 samples beat 128 on the
-# three-seed mean of both texts (+1.19% / -1.17% against +2.07% / +0.54% vs fp32 + LoRA). Drawing 512 took 19
-# minutes against 132 of training for such a run here.
+# --kl-samples auto: about four reads per sample (longer runs gain from more), between the two counts measured on the
+# sample (docs/BENCHMARKS.md, Finetune, Quality).
 KL_SAMPLES_MIN, KL_SAMPLES_MAX, KL_READS_PER_SAMPLE = 128, 512, 4
 
 
@@ -137,9 +135,8 @@ def kl_examples(cfg: TrainConfig, tokenizer, teacher: torch.nn.Module, ckpt_dir:
     n = kl_sample_count(cfg, n_examples)
     if ids is None or tuple(ids.shape) != (n, cfg.seqlen):
         ids = teacher_samples(teacher, tokenizer, n, cfg.seqlen, cfg.seed, progress=progress)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        save_file({"input_ids": ids.contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            save_file({"input_ids": ids.contiguous()}, str(tmp))
     return [(row, row.clone()) for row in ids]
 
 
@@ -176,9 +173,9 @@ def run_inputs(pack: str | Path, cfg: TrainConfig) -> list[Path | None]:
 
 def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: bool, resume: bool, ckpt_dir: Path,
                      progress: bool, inputs: list[Path | None]) -> FinetuneResult:  # fmt: skip
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import completion_examples, token_windows
     from sparsepack.runtime.loader import load
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     model = load(pack, device=cfg.device, dtype=torch.float32)
     src: Pack = model.sparsepack.pack

@@ -20,8 +20,7 @@ error GPTQ compensated.
 With a :class:`ClipSearch` (compress's default) that min/max range is also tried shrunk, and each output column
 of a group keeps the range whose rounding error, weighted per row by GPTQ's own cost ``1 / Hinv[k, k]^2``, is
 smallest. The reference's ``mse`` option searches shrunk ranges too, scoring unweighted ``|error|^2.4``.
-On SmolLM2 4-bit g64 it lowered held-out perplexity by 2-11% over five calibration seeds (``docs/BENCHMARKS.md``,
-Compress).
+Below 8 bits it lowers held-out perplexity (``docs/BENCHMARKS.md``, Compress).
 """
 
 from __future__ import annotations
@@ -47,8 +46,8 @@ class HessianAccumulator:
     Kept as a running mean (rescaled at each batch, as the reference GPTQ does), so ``H`` has the same value
     however the ``n`` rows are split into batches (up to float rounding) and stays O(1) in magnitude.
     Only the upper triangle is accumulated, in column strips (``H[a:b, a:] += x[:, a:b]^T x[:, a:]``): about
-    5/8 of the full product's work at 4 strips (measured: 27-35% less time than one full ``addmm`` for
-    K = 576 and 1536 on 2 cores); :attr:`H` mirrors it into the full symmetric matrix when read.
+    5/8 of the full product's work at 4 strips, and less time (``docs/BENCHMARKS.md``, Compress); :attr:`H`
+    mirrors it into the full symmetric matrix when read.
 
     Args:
         in_features: K, the layer's input dimension.
@@ -155,7 +154,7 @@ def invert_hessian(
     # upper, so U = R^-1 = J Lf^-1 J: one Cholesky and one triangular inverse instead of the reference's
     # cholesky -> cholesky_inverse -> cholesky (same U; several times faster on CPU). F = J Hd J is built
     # once and damped in place, and the inverse overwrites its identity: at most three K x K fp64 matrices
-    # live at once (the peak of a block on SmolLM2 came from here: seven).
+    # live at once (with more, this inversion set a block's memory peak).
     order = torch.arange(K - 1, -1, -1, device=H.device) if perm is None else perm.flip(0)
     F = H[order[:, None], order].to(torch.float64)  # (K, K) J H_perm J: one gather, then fp64
     fdiag = torch.diagonal(F)
@@ -293,7 +292,7 @@ def _grid(w: torch.Tensor, maxq: int, sym: bool, clip: ClipSearch | None = None,
     wmax = torch.where(flat, 1.0, wmax)
     if clip is None:
         return _grid_of_range(wmin, wmax, maxq, sym)
-    # One candidate at a time on a (c, N) buffer that stays in cache: 4x faster than all candidates at once.
+    # One candidate at a time on a (c, N) buffer that stays in cache, unlike all candidates at once.
     buf = torch.empty_like(w)  # (c, N)
     best = None
     for p in clip.candidates():
@@ -325,6 +324,132 @@ def _grid_of_range(wmin: torch.Tensor, wmax: torch.Tensor, maxq: int, sym: bool)
 def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes of one column ``w [N]`` (float dtype, integral values)."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+@dataclass(frozen=True)
+class _GroupGrid:
+    """How a group's grid is fitted: the code range, the grid kind and the optional clipping search."""
+
+    maxq: int  # 2**bits - 1, the largest code
+    sym: bool
+    clip: ClipSearch | None = None
+    # [K] GPTQ's cost of an error in each row, 1 / Hinv[k, k]^2, in the row order of the weight the grid is fitted
+    # to: what a clip search weighs each row's rounding error by. None without a clip search.
+    row_cost: torch.Tensor | None = None
+
+    def fit(self, w: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale [N], zero [N])`` of the group ``w[rows]`` of ``w [K, N]`` (see :func:`_grid`)."""
+        return _grid(w[rows], self.maxq, self.sym, self.clip, None if self.row_cost is None else self.row_cost[rows])
+
+
+def _checked_group_size(bits: int, group_size: int, block_size: int, K: int) -> int:
+    """The group size in input rows (``K`` for one group per output column), after checking the arguments."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits}")
+    gs = K if group_size in (-1, 0) else group_size
+    if gs <= 0 or K % gs:
+        raise ValueError(f"group_size {group_size} does not divide in_features {K}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return gs
+
+
+def _check_inverse(inv: InverseHessian, K: int, gs: int) -> None:
+    """An :class:`InverseHessian` must match the weight's input dim and, if group-aware, its group size."""
+    if inv.hinv.shape != (K, K):
+        raise ValueError(f"Hessian is {tuple(inv.hinv.shape)}, weight needs ({K}, {K})")
+    if inv.group_aware and inv.group_aware != gs:
+        raise ValueError(f"InverseHessian was ordered for group size {inv.group_aware}, weight uses {gs}")
+
+
+def _transposed_weight(weight: torch.Tensor, inv: InverseHessian) -> torch.Tensor:
+    """``W^T [K, N]`` in the original row order, in ``inv``'s dtype and device, the dead input rows zeroed."""
+    # Work on W^T: row j is input column j, contiguous, and the codes come out input-dim-first as stored.
+    Wt = weight.detach().to(device=inv.hinv.device, dtype=inv.hinv.dtype).t()
+    Wt = Wt.clone(memory_format=torch.contiguous_format)  # (K, N)
+    Wt[inv.dead] = 0
+    return Wt
+
+
+def _initial_grids(Wt: torch.Tensor, grid: _GroupGrid, gs: int, perm: torch.Tensor | None,
+                   static: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The groups' ``(scales, zeros)``, ``[G, N]`` each, before the column walk.
+
+    With ``static`` every grid is fitted now, from ``Wt [K, N]`` in the original row order (``grid.row_cost`` is
+    in processing order, ``perm``, and read here in the original one); without, they are left for
+    :func:`_walk_columns` to fill.
+    """
+    K, N = Wt.shape
+    scales = torch.empty(K // gs, N, dtype=Wt.dtype, device=Wt.device)  # (G, N), fp16-exact values
+    zeros = torch.empty(K // gs, N, dtype=Wt.dtype, device=Wt.device)  # (G, N)
+    if static:
+        cost = grid.row_cost
+        if cost is not None and perm is not None:
+            cost = cost[torch.argsort(perm)]  # original order
+        grid = _GroupGrid(grid.maxq, grid.sym, grid.clip, cost)
+        for g in range(K // gs):
+            scales[g], zeros[g] = grid.fit(Wt, slice(g * gs, (g + 1) * gs))
+    return scales, zeros
+
+
+def _walk_columns(Wt: torch.Tensor, Hinv: torch.Tensor, pos_group: list[int], scales: torch.Tensor,
+                  zeros: torch.Tensor, grid: _GroupGrid, block_size: int,
+                  dynamic_group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GPTQ's column walk: quantize the rows of ``Wt`` in order, spreading each rounding error over the later rows.
+
+    Args:
+        Wt: ``[K, N]`` the weight transposed, rows in processing order; updated in place.
+        Hinv: ``[K, K]`` upper Cholesky factor of ``H^-1`` in the same order.
+        pos_group: the group of each processing position (``K`` entries).
+        scales: ``[G, N]`` grid scales; a dynamic group's are written here when the walk reaches it.
+        zeros: ``[G, N]`` grid zeros, likewise.
+        grid: how a dynamic group's grid is fitted (``row_cost`` in processing order).
+        block_size: columns per lazy-update block.
+        dynamic_group: the group size when each group's grid is fitted as the walk reaches its first position,
+            from positions ``[j, j + dynamic_group)``; 0 when every grid was fitted up front.
+
+    Returns:
+        ``(codes [K, N], losses [N])``: integer codes (float dtype) in processing order, and per output column the
+        sum of ``(w - w_q)^2 / Hinv[j, j]^2`` (twice GPTQ's loss).
+    """
+    K, N = Wt.shape
+    codes = torch.empty(K, N, dtype=Wt.dtype, device=Wt.device)  # (K, N) integer codes, processing order
+    losses = torch.zeros(N, dtype=Wt.dtype, device=Wt.device)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        # Rows i1..i2 of Wt are not touched during the block: row j receives this block's earlier errors
+        # just before it is quantized, as one vector-matrix product (the same sum as GPTQ's per-column
+        # rank-1 updates, but one BLAS call on a contiguous block instead of an ever-shrinking elementwise
+        # update, which stalls on OpenMP fork/join when the cores are shared).
+        Err = torch.zeros(i2 - i1, N, dtype=Wt.dtype, device=Wt.device)  # (B, N) scaled errors of the block
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = pos_group[j]
+            if dynamic_group and j % dynamic_group == 0:
+                # The group's grid comes from its columns as the earlier *blocks* left them, not yet updated
+                # by this block's errors: the reference GPTQ's timing (IST-DASLab, AutoGPTQ, GPTQModel). Folding
+                # this block's errors in too gave a higher mean layer output error on the calibration inputs
+                # (docs/BENCHMARKS.md, Compress). So with dynamic groups
+                # the block size changes which errors a grid sees (exactly as in the reference).
+                scales[g], zeros[g] = grid.fit(Wt, slice(j, j + dynamic_group))
+            w = Wt[j] - Hinv[i1:j, j] @ Err[:i] if i else Wt[j]  # (N,)
+            q = _quantize_column(w, scales[g], zeros[g], grid.maxq)
+            err = (w - scales[g] * (q - zeros[g])) / Hinv[j, j]  # (N,)
+            codes[j] = q
+            losses += err * err  # (w - w_q)^2 / d^2
+            Err[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err, alpha=-1)  # lazy update of every later column
+    return codes, losses
+
+
+def _to_original_order(codes: torch.Tensor, pos_group: torch.Tensor,
+                       perm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``codes [K, N]`` and the group of each position ``[K]`` back in the original row order: ``(q, g_idx)``."""
+    if perm is None:
+        return codes, pos_group
+    g_idx = torch.empty_like(pos_group)  # (K,)
+    g_idx[perm] = pos_group
+    return codes[torch.argsort(perm)], g_idx
 
 
 def gptq_quantize(
@@ -365,89 +490,29 @@ def gptq_quantize(
     Returns:
         :class:`QuantParams` in the original row order.
     """
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits}")
     N, K = weight.shape
-    gs = K if group_size in (-1, 0) else group_size
-    if gs <= 0 or K % gs:
-        raise ValueError(f"group_size {group_size} does not divide in_features {K}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if isinstance(H, InverseHessian):
-        inv = H
-    else:
-        inv = invert_hessian(H, damp, act_order, gs if group_aware else 0)
-    if inv.hinv.shape != (K, K):
-        raise ValueError(f"Hessian is {tuple(inv.hinv.shape)}, weight needs ({K}, {K})")
-    if inv.group_aware and inv.group_aware != gs:
-        raise ValueError(f"InverseHessian was ordered for group size {inv.group_aware}, weight uses {gs}")
-    dtype = inv.hinv.dtype
-    maxq = 2**bits - 1
-    G = K // gs
+    gs = _checked_group_size(bits, group_size, block_size, K)
+    inv = H if isinstance(H, InverseHessian) else invert_hessian(H, damp, act_order, gs if group_aware else 0)
+    _check_inverse(inv, K, gs)
+    perm = inv.perm
     # Static groups: grids of the original row groups, computed up front. Otherwise a group's grid is
     # computed when the walk reaches its first column, from the columns at processing positions
     # [j*gs, (j+1)*gs): under act-order those are a new group (hence the non-monotone g_idx), under the
     # group-aware order they are exactly one original group, in another order.
     static = static_groups or group_size in (-1, 0)
-
-    # Work on W^T: row j is input column j, contiguous, and the codes come out input-dim-first as stored.
-    Wt = (
-        weight.detach().to(device=inv.hinv.device, dtype=dtype).t().clone(memory_format=torch.contiguous_format)
-    )  # (K, N)
-    Wt[inv.dead] = 0
-    scales = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N), fp16-exact values
-    zeros = torch.empty(G, N, dtype=dtype, device=Wt.device)  # (G, N)
-    perm = inv.perm
+    Wt = _transposed_weight(weight, inv)  # (K, N)
     # The GPTQ cost of an error in each processing position's row is 1 / Hinv[j, j]^2: clip searches weigh by it.
     row_cost = inv.hinv.diagonal().square().reciprocal() if clip is not None else None  # (K,)
-    if static:
-        cost = row_cost if (row_cost is None or perm is None) else row_cost[torch.argsort(perm)]  # original order
-        for g in range(G):
-            rows = slice(g * gs, (g + 1) * gs)
-            scales[g], zeros[g] = _grid(Wt[rows], maxq, sym, clip, None if cost is None else cost[rows])
+    grid = _GroupGrid(2**bits - 1, sym, clip, row_cost)
+    scales, zeros = _initial_grids(Wt, grid, gs, perm, static)  # (G, N) each
     if perm is not None:
         Wt = Wt[perm]  # (K, N) in processing order
     # group of each processing position
     keeps_groups = perm is not None and (static or inv.group_aware)
     pos_group = (perm if keeps_groups else torch.arange(K, device=Wt.device)) // gs  # (K,)
     pos_group_list = pos_group.tolist()  # read per column: a list avoids a device sync each time
-    Hinv = inv.hinv
-    codes = torch.empty(K, N, dtype=dtype, device=Wt.device)  # (K, N) integer codes, processing order
-    losses = torch.zeros(N, dtype=dtype, device=Wt.device)
-
-    for i1 in range(0, K, block_size):
-        i2 = min(i1 + block_size, K)
-        # Rows i1..i2 of Wt are not touched during the block: row j receives this block's earlier errors
-        # just before it is quantized, as one vector-matrix product (the same sum as GPTQ's per-column
-        # rank-1 updates, but one BLAS call on a contiguous block instead of an ever-shrinking elementwise
-        # update, which stalls on OpenMP fork/join when the cores are shared).
-        Err = torch.zeros(i2 - i1, N, dtype=dtype, device=Wt.device)  # (B, N) scaled errors of the block
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not static and j % gs == 0:
-                # The group's grid comes from its columns as the earlier *blocks* left them, not yet updated
-                # by this block's errors: the reference GPTQ's timing (IST-DASLab, AutoGPTQ, GPTQModel). Folding
-                # this block's errors in too gave a higher mean layer output error on the calibration inputs
-                # (SmolLM2 g64: 4-bit 0.05573 vs 0.05546, 3-bit 0.12360 vs 0.12282). So with dynamic groups
-                # the block size changes which errors a grid sees (exactly as in the reference).
-                g = pos_group_list[j]
-                scales[g], zeros[g] = _grid(Wt[j : j + gs], maxq, sym, clip,
-                                            None if row_cost is None else row_cost[j : j + gs])  # fmt: skip
-            g = pos_group_list[j]
-            w = Wt[j] - Hinv[i1:j, j] @ Err[:i] if i else Wt[j]  # (N,)
-            q = _quantize_column(w, scales[g], zeros[g], maxq)
-            err = (w - scales[g] * (q - zeros[g])) / Hinv[j, j]  # (N,)
-            codes[j] = q
-            losses += err * err  # (w - w_q)^2 / d^2, halved below
-            Err[i] = err
-        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err, alpha=-1)  # lazy update of every later column
-
-    if perm is not None:
-        codes = codes[torch.argsort(perm)]  # back to the original row order
-        g_idx = torch.empty(K, dtype=torch.int64, device=Wt.device)
-        g_idx[perm] = pos_group
-    else:
-        g_idx = pos_group
+    codes, losses = _walk_columns(Wt, inv.hinv, pos_group_list, scales, zeros, grid, block_size, 0 if static else gs)
+    codes, g_idx = _to_original_order(codes, pos_group, perm)
     return QuantParams(
         q=codes.to(torch.int32),
         zeros=zeros.to(torch.int32),

@@ -29,11 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from sparsepack.formats.manifest import Manifest, StageRecord
-from sparsepack.formats.pack import write_pack
+from sparsepack.formats.pack import Pack, read_pack, write_pack
 from sparsepack.formats.staging import check_output
+from sparsepack.formats.tokenizer import copy_tokenizer_files
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.quantized_linear import QuantizedLinear
-from sparsepack.runtime.tokenizer import copy_tokenizer_files
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_EVAL = "stdlib:pydoc@eval"  # held-out text for adapters whose pack records no training data
@@ -71,11 +71,11 @@ def _linear_weight(module: torch.nn.Module, weights: list[tuple[str, float]]) ->
 
 def merged_state_dict(model: torch.nn.Module, weights: list[tuple[str, float]], dtype: torch.dtype):
     """The dense model's state dict (HF names) with every correction folded in, and its config dict."""
-    from sparsepack.layers.skeleton import empty_model
+    from sparsepack.formats.model_config import meta_model
 
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    dense = empty_model(type(model.config).from_dict(config))
+    dense = meta_model(type(model.config).from_dict(config))
     targets = dict(model.named_modules())
     source = model.state_dict()
     out = {}
@@ -98,7 +98,7 @@ def merged_state_dict(model: torch.nn.Module, weights: list[tuple[str, float]], 
     return {k: v.contiguous() for k, v in out.items()}, config
 
 
-def requantize_config(pack: str | Path, **overrides: Any):
+def requantize_config(pack: str | Path | Pack, **overrides: Any):
     """The :class:`QuantConfig` that re-quantizes ``pack``'s merged weights on its own grid.
 
     The pack's last ``compress`` record gives every GPTQ setting (damp, ordering, skip, ...); a pack without
@@ -108,12 +108,11 @@ def requantize_config(pack: str | Path, **overrides: Any):
     import dataclasses
 
     from sparsepack.config import QuantConfig
-    from sparsepack.formats.pack import read_pack
 
-    src = read_pack(Path(pack), verify=False, check_config=False)
+    src = pack if isinstance(pack, Pack) else read_pack(Path(pack), verify=False, check_config=False)
     q = src.quant
     if q is None:
-        raise ValueError(f"{pack}: the base is not quantized; use --mode dense")
+        raise ValueError(f"{src.path}: the base is not quantized; use --mode dense")
     known = {f.name for f in dataclasses.fields(QuantConfig)}
     kw: dict[str, Any] = {"bits": q["bits"], "group_size": q["group_size"], "act_order": q["desc_act"], "sym": q["sym"]}
     record = next((r for r in reversed(src.manifest.history) if r.stage == "compress"), None)
@@ -124,12 +123,13 @@ def requantize_config(pack: str | Path, **overrides: Any):
     return QuantConfig(**kw)
 
 
-def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], mode: str = "dense",
+def merge(pack: str | Path | Pack, out: str | Path, adapters: list[tuple[str, float]], mode: str = "dense",
           dtype: str = "float16", qcfg=None, overwrite: bool = False, progress: bool = True,
           quality: QualityConfig | None = None) -> MergeResult:  # fmt: skip
     """Fold ``adapters`` (name, weight) of ``pack`` into a dense checkpoint or a re-quantized pack at ``out``.
 
     Args:
+        pack: the pack directory, or a :class:`Pack` already read (it is not opened or hashed again).
         quality: the perplexity report (None: no report). It runs after ``out`` is written.
     """
     from sparsepack.runtime.loader import load
@@ -141,12 +141,13 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
     if mode == "requantize" and qcfg is None:
         raise ValueError("--mode requantize needs a quantization config (the pack's own, see the CLI)")
     out = Path(out)
-    check_output(out, overwrite, inputs=[pack])
+    pack = pack if isinstance(pack, Pack) else read_pack(Path(pack), verify=True, check_config=True)
+    check_output(out, overwrite, inputs=[pack.path])
     start = time.perf_counter()
     model = load(pack)
     unknown = [n for n, _ in adapters if n not in model.adapters]
     if unknown or not adapters:
-        raise KeyError(f"{pack}: unknown adapter(s) {unknown}; the pack has {model.adapters}")
+        raise KeyError(f"{pack.path}: unknown adapter(s) {unknown}; the pack has {model.adapters}")
     src = model.sparsepack.pack
     record = StageRecord("merge", {"adapters": adapters, "mode": mode, "dtype": dtype})
     summary: dict[str, Any] = {"path": str(out), "mode": mode, "adapters": adapters}
@@ -154,7 +155,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
         write_dense(model, src, out, adapters, DTYPES[dtype], record, overwrite)
         summary["seconds"] = time.perf_counter() - start
         if quality is not None and quality.windows:
-            summary["quality"] = merge_quality(model, {"merged": lambda: load(out)}, adapters, quality)
+            summary["quality"] = merge_quality(model, {"merged": lambda: load(out, verify=False)}, adapters, quality)
         return MergeResult(out, summary)
     from sparsepack.pipeline.compress import compress
 
@@ -168,7 +169,7 @@ def merge(pack: str | Path, out: str | Path, adapters: list[tuple[str, float]], 
             # the naive peer: the same merged weights rounded to nearest on the same grid (no calibration)
             rtn = compress(tmp / "m", tmp / "rtn", replace(qcfg, method="rtn", act_order=False, group_aware=False),
                            progress=False)  # fmt: skip
-            outputs = {"merged": lambda: load(out), "rtn": lambda: load(rtn.path)}
+            outputs = {"merged": lambda: load(out, verify=False), "rtn": lambda: load(rtn.path, verify=False)}
             summary["quality"] = merge_quality(load(pack), outputs, adapters, quality)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -227,9 +228,9 @@ def merge_quality(source: torch.nn.Module, outputs: dict[str, Callable[[], torch
         ``{"windows", "seqlen", "evals": [{adapter, weight, data, data_from, base, alone, <label>...,
         <label>_vs_alone}]}``; ``<label>_vs_alone`` is the relative perplexity change (0.02 = +2%).
     """
+    from sparsepack.formats.tokenizer import load_tokenizer
     from sparsepack.pipeline.data import token_windows
     from sparsepack.pipeline.evaluate import perplexity
-    from sparsepack.runtime.tokenizer import load_tokenizer
 
     pack = source.sparsepack.pack
     tokenizer = load_tokenizer(pack.path)

@@ -59,7 +59,7 @@ class AdapterControl:
                 raise KeyError(f"{source}: no adapter {adapter!r}; it has {sorted(pack.adapters)}")
             loaded = pack.adapters[adapter]
         else:
-            from sparsepack.layers.skeleton import linear_shapes
+            from sparsepack.formats.model_config import linear_shapes
 
             loaded = read_adapter(source, {n: s for n, s in _base_shapes(self).items()} or linear_shapes(self))
             adapter = source.name

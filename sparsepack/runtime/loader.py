@@ -8,7 +8,6 @@ neither optimum nor gptqmodel is needed.
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +15,12 @@ import torch
 from torch import nn
 
 from sparsepack.formats import gptq_layout
-from sparsepack.formats.errors import FormatError, ShapeError
+from sparsepack.formats.errors import ShapeError
 from sparsepack.formats.pack import Pack, read_pack
-from sparsepack.formats.safetensors_check import TensorInfo
+from sparsepack.formats.tensor_io import load_tensors
 from sparsepack.layers.inject import attach_adapter, set_active_adapters, set_submodule
 from sparsepack.layers.quantized_linear import QuantizedLinear
-from sparsepack.layers.skeleton import empty_model, materialize_buffers
-
-TORCH_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool,
-}  # fmt: skip
+from sparsepack.layers.skeleton import materialize_buffers
 
 
 @dataclass
@@ -36,37 +29,6 @@ class PackInfo:
 
     pack: Pack
     active: list[str]
-
-
-def _map_file(path: Path) -> tuple[torch.Tensor, int]:
-    """Memory-map a safetensors file read-only as a uint8 tensor; returns (bytes, data section offset)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        size = f.seek(0, 2)
-        if size == 0:
-            return torch.empty(0, dtype=torch.uint8), 8 + n
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writes never reach the file
-    return torch.frombuffer(mm, dtype=torch.uint8), 8 + n
-
-
-def load_tensors(infos: dict[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """Tensors as zero-copy views of memory-mapped files (copied only when misaligned)."""
-    maps: dict[Path, tuple[torch.Tensor, int]] = {}
-    out = {}
-    for name, info in infos.items():
-        if info.file not in maps:
-            maps[info.file] = _map_file(info.file)
-        raw, base = maps[info.file]
-        dtype = TORCH_DTYPES.get(info.dtype)
-        if dtype is None:
-            raise FormatError(f"dtype {info.dtype} is not supported by the loader", info.file, name)
-        begin, end = base + info.offsets[0], base + info.offsets[1]
-        chunk = raw[begin:end]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if begin % itemsize:
-            chunk = chunk.clone()
-        out[name] = chunk.view(dtype).reshape(info.shape)
-    return out
 
 
 def _swap_quantized(model: nn.Module, pack: Pack) -> None:
@@ -84,7 +46,7 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load(
-    path: str | Path,
+    path: str | Path | Pack,
     adapter: str | list[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
@@ -93,7 +55,8 @@ def load(
     """Load a pack (or GPTQ checkpoint / plain HF model directory) as a ready HF causal LM.
 
     Args:
-        path: the directory.
+        path: the directory, or a :class:`Pack` a command has already read (and verified, if it asked to):
+            it is not opened or hashed again, and its checked meta model is reused.
         adapter: adapter name (or names) to activate; every adapter in the pack is loaded either way.
         device: where the model runs.
         dtype: compute dtype of the unquantized parameters (default fp32 on CPU, fp16 on CUDA); GPTQ
@@ -105,8 +68,13 @@ def load(
     """
     device = torch.device(device)
     dtype = dtype or _default_dtype(device)
-    pack = read_pack(Path(path), verify=verify, check_config=True)
-    model = empty_model(pack.config)
+    if isinstance(path, Pack):
+        pack = path
+        if not pack.checked:
+            raise ValueError(f"{pack.path}: read with check_config=False; the loader needs a checked pack")
+    else:
+        pack = read_pack(Path(path), verify=verify, check_config=True)
+    model = pack.take_skeleton()
     if pack.quant is not None:
         _swap_quantized(model, pack)
     state = load_tensors(pack.tensors)

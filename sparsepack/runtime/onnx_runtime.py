@@ -328,7 +328,7 @@ class OnnxModel:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from sparsepack.runtime.tokenizer import load_tokenizer
+            from sparsepack.formats.tokenizer import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer

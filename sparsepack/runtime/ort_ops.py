@@ -4,8 +4,8 @@ The op computes one adapter slot's correction ``y = scale * (x A^T) B^T + x S^T`
 (inputs ``x, A [r, in], B [out, r], scale, values [nnz], row_ptr [out + 1], col_idx [nnz]``; r = 0 / nnz = 0
 allowed; the CSR structure is checked on every call). The standard-op graph needs about a dozen nodes per slot
 for the same maths; see ``csrc/sp_ortops.c`` and ``benchmarks/ort_custom_op/REPORT.md`` for the kernels and the
-C API facts they rely on. The op runs on the calling thread: splitting a decode call's output rows over
-onnxruntime's intra-op pool (``KernelContext_ParallelFor``) was measured no faster at 2 threads (2026-11-25).
+C API facts they rely on. The op runs on the calling thread: its per-row tasks are too short for onnxruntime's
+intra-op pool (``KernelContext_ParallelFor``) to pay off (``docs/BENCHMARKS.md``, ONNX export).
 
 The PyPI onnxruntime wheel ships no C headers, so the library declares the few API entries it uses itself and
 links against nothing but libc. It is compiled here with the system C compiler (gcc >= 12 or clang >= 15) for the
@@ -21,8 +21,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from sparsepack.formats.staging import staged_file
 
 DOMAIN = "sparsepack"
 OP = "SparseLowRankDelta"
@@ -94,17 +95,10 @@ def library_path(cache_dir: str | Path | None = None) -> Path:
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=False)
+    with staged_file(lib, mode=0o755) as tmp:  # concurrent first uses each build, the last rename wins
+        res = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise OrtOpsBuildError(f"{cc} failed to build {SOURCE} (exit {res.returncode}):\n{res.stderr[-2000:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return lib
 
 

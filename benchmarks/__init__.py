@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks, a regular package so that no installed top-level ``benchmarks`` package shadows it."""
