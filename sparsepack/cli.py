@@ -39,11 +39,12 @@ def _fail_cleanly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from sparsepack.formats.errors import FormatError
+        from sparsepack.pipeline.errors import TrainingDivergedError
         from sparsepack.runtime.ort_ops import OrtOpsBuildError
 
         try:
             return fn(*args, **kwargs)
-        except (FormatError, ValueError, KeyError, FileNotFoundError, OrtOpsBuildError) as e:
+        except (FormatError, ValueError, KeyError, FileNotFoundError, OrtOpsBuildError, TrainingDivergedError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(f"{type(e).__name__}: {msg}") from None
 
@@ -136,9 +137,21 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
               help="Training data SOURCE (prompt/completion jsonl trains on completions only).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Pack directory to write.")
 @click.option("--adapter", default="default", show_default=True, help="Name of the adapter in the output pack.")
-@click.option("--method", default="rosa", show_default=True, help="rosa (sparse + low-rank) or lora (low-rank only).")
-@click.option("--rank", default=16, show_default=True, type=click.IntRange(0), help="Low-rank dimension r.")
-@click.option("--density", default=0.006, show_default=True, type=float, help="Sparse fraction of each weight.")
+@click.option("--method", default="rosa", show_default=True,
+              help="rosa (sparse + low-rank), lora (low-rank only) or shira (sparse only).")
+@click.option("--rank", default=None, type=click.IntRange(0),
+              help="Low-rank dimension r (methods with a low-rank part; default 16).")
+@click.option("--density", default=None, type=float,
+              help="Sparse fraction of each weight (methods with a sparse part; default 0.006).")
+@click.option("--support", default=None,
+              help="How the sparse support is chosen: fisher (RoSA's default), snip (SHiRA's default: largest "
+                   "|W * grad|), grad (largest |grad|), magnitude (largest |W|), random (seeded per layer and "
+                   "adapter), struct (every f-th row and column plus the diagonal). The data-driven rules read "
+                   "--mask-samples examples.")
+@click.option("--budget", default=None, type=click.IntRange(1),
+              help="Trainable parameters: the method derives its size from it (lora: the largest rank that fits; "
+                   "rosa: --rank, the rest sparse; shira: PEFT's r * (out + in) entries per layer). finetune --json "
+                   "reports the exact count.")
 @click.option("--target", default="all-linear", show_default=True, help="all-linear or a regex of module names.")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="Low-rank scaling s = alpha / r.")
 @click.option("--dropout", default=0.05, show_default=True, type=float, help="Dropout on the low-rank input.")
@@ -197,7 +210,7 @@ def compress(model_dir: Path, out: Path, as_json: bool, overwrite: bool, report:
 @_fail_cleanly
 def finetune(pack: Path, out: Path, overwrite: bool, resume: bool, checkpoint_dir: Path | None, as_json: bool,
              **kwargs: Any) -> None:  # fmt: skip
-    """Train a sparse + low-rank correction (RoSA) or a LoRA on the frozen base of PACK.
+    """Train a correction on the frozen base of PACK: sparse + low-rank (RoSA), low-rank (LoRA) or sparse (SHiRA).
 
     PACK may be a sparsepack pack, a GPTQ checkpoint or a plain HF model directory. The output is a pack with
     the base plus adapters/NAME (PEFT-compatible LoRA part + sparse sidecar + metrics.jsonl and loss.png).

@@ -6,12 +6,25 @@ recorded (``asdict``) in the pack's stage history.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 CLIP_SEARCH_DEFAULT = 0.2  # QuantConfig.clip_search below 8 bits
 INIT_MODES = ("auto", "zero", "residual", "residual-lowrank", "residual-whitened")  # TrainConfig.init
+
+
+MAX_LR = 1e3  # far above any useful rate; larger ones overflow the optimizer's fp32 update into a traceback
+
+
+def check_finite(cfg: Any) -> None:
+    """Refuse a NaN or infinite float field (a ``--lr nan`` would train into NaN and could end in a written
+    all-NaN adapter); names the flag."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
 @dataclass
@@ -41,6 +54,7 @@ class QuantConfig:
     dtype: str = "auto"  # of the calibration forwards (Hessians stay fp32+); auto: bf16 where the hardware has it
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.bits not in (2, 3, 4, 8):
@@ -93,9 +107,11 @@ class TrainConfig:
 
     data: str = "stdlib:pydoc@train"  # training data SOURCE
     adapter: str = "default"  # name of the adapter written into the output pack
-    method: str = "rosa"  # a preset in methods.presets (rosa, lora, ...)
-    rank: int = 16  # low-rank dimension r
-    density: float = 0.006  # sparse entries per adapted weight, as a fraction of out * in
+    method: str = "rosa"  # a registered method (methods/: rosa, lora, shira)
+    rank: int | None = None  # low-rank dimension r; None: 16 for methods with a low-rank part, else 0
+    density: float | None = None  # sparse entries per adapted weight, as a fraction of out * in; None: 0.006
+    support: str | None = None  # sparse support rule (methods.masks); None: the method's default
+    budget: int | None = None  # trainable parameters; each method derives its rank/density from it
     target: str = "all-linear"  # which linears to adapt: all-linear or a regex of module names
     alpha: float = 16.0  # low-rank scaling numerator: s = alpha / r
     dropout: float = 0.05  # dropout on the low-rank input
@@ -134,15 +150,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from sparsepack.formats.adapter_layout import validate_adapter_name
-        from sparsepack.methods.presets import PRESETS
+        from sparsepack.methods import base as methods
 
+        check_finite(self)
         validate_adapter_name(self.adapter)
-        preset = PRESETS.get(self.method)  # an unknown --method fails here, naming the known ones
-        if self.rank < 0 or not 0 <= self.density < 1:
-            raise ValueError(f"--rank must be >= 0 and --density in [0, 1), got {self.rank}, {self.density}")
-        if preset.lowrank and self.rank < 1:  # a rank-0 low-rank part would have nothing to train
-            raise ValueError(f"--rank must be >= 1 for --method {self.method} (it trains a low-rank part), "
-                             f"got {self.rank}")  # fmt: skip
+        method = methods.get(self.method)  # an unknown --method fails here, naming the known ones
+        self._check_sizes(method)
+        for flag, lr in (("--lr", self.lr), ("--lr-lowrank", self.lr_lowrank)):
+            if not 0 < lr <= MAX_LR:
+                raise ValueError(f"{flag} must be in (0, {MAX_LR:g}], got {lr}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be positive, got {self.steps}")
         if self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.seqlen < 2:
@@ -163,6 +179,33 @@ class TrainConfig:
             raise ValueError("--kl-data feeds the KL-to-teacher term: it needs --teacher and --kl-weight > 0")
         if self.kl_samples is not None and self.kl_samples < 1:
             raise ValueError(f"--kl-samples must be >= 1, got {self.kl_samples}")
+
+    def _check_sizes(self, method) -> None:
+        """Refuse flags the method has no use for, then fill in the sizes left unset."""
+        m = f"--method {method.name}"
+        if self.rank is not None and not method.lowrank:
+            raise ValueError(f"--rank does not apply to {m} (it has no low-rank part); size it with --density or "
+                             "--budget")  # fmt: skip
+        if self.support is not None and not method.sparse:
+            raise ValueError(f"--support does not apply to {m} (it has no sparse part)")
+        if self.support is not None and self.support not in method.supports:
+            raise ValueError(f"--support {self.support!r} is not one of {m}'s: {', '.join(method.supports)}")
+        if self.budget is not None:
+            if self.budget < 1:
+                raise ValueError(f"--budget must be a positive number of parameters, got {self.budget}")
+            if (self.density is not None and method.sparse) or (self.rank is not None and not method.sparse):
+                raise ValueError(f"--budget sets {m}'s size: give it without "
+                                 + ("--density" if method.sparse else "--rank"))  # fmt: skip
+        if self.rank is None:
+            self.rank = 16 if method.lowrank else 0
+        if self.density is None:
+            self.density = 0.006
+        if self.rank < 0 or not 0 <= self.density < 1:
+            raise ValueError(f"--rank must be >= 0 and --density in [0, 1), got {self.rank}, {self.density}")
+        if method.lowrank and self.rank < 1:  # a rank-0 low-rank part would have nothing to train
+            raise ValueError(f"--rank must be >= 1 for {m} (it trains a low-rank part), got {self.rank}")
+        if method.sparse and self.budget is None and self.density == 0:
+            raise ValueError(f"--density must be > 0 for {m} (it trains a sparse part)")
 
     @property
     def residual_init(self) -> bool:

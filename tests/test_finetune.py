@@ -76,7 +76,7 @@ def test_fisher_scores_equal_dense_squared_gradients(env):
     tr.setup()
     tr._build_optimizer(with_sparse=False)
     name = "model.layers.1.mlp.down_proj"
-    scores = tr._fisher_scores([name])[name]
+    scores = tr._gradient_scores("fisher", [name])[name]
 
     ref_model = tiny_llama()
     w = ref_model.get_submodule(name).weight

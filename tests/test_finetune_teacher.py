@@ -218,7 +218,7 @@ def test_kl_data_puts_the_kl_term_on_its_own_batches(env):
                              kl_examples=kl_examples)  # fmt: skip
     tr.setup()
     tr._build_optimizer(with_sparse=False)
-    tr._fisher_scores(list(tr.layers)[:2])  # borrows batches of both sources
+    tr._gradient_scores("fisher", list(tr.layers)[:2])  # borrows batches of both sources
     assert (tr.batcher.cursor.position, tr.kl_batcher.cursor.position) == (0, 0)
     batch, kl_batch = tr.batcher.next(), tr.kl_batcher.next()
     assert not torch.equal(batch["input_ids"], kl_batch["input_ids"])

@@ -3,9 +3,10 @@
 - ``safetensors``: a dense Hugging Face checkpoint, ``W = dequant(W_q) (+ the adapter's delta)``, written by the
   dense merge of :mod:`sparsepack.pipeline.merge` (one implementation of "fold a correction in").
 - ``peft``: the adapter's low-rank part as a plain PEFT LoRA directory (the sparse part is dropped and its size
-  reported), or with ``lora_approx=RANK`` one LoRA of at most that rank per module from a truncated SVD of the
-  whole correction ``s * B @ A + S`` (what vLLM and other LoRA servers can load), with the relative Frobenius
-  error ``||dW - B' A'|| / ||dW||`` reported per module and overall.
+  reported); a sparse-only (SHiRA) adapter in PEFT's own SHiRA layout (``formats.peft_shira``); or with
+  ``lora_approx=RANK`` one LoRA of at most that rank per module from a truncated SVD of the whole correction
+  ``s * B @ A + S`` (what vLLM and other LoRA servers can load), with the relative Frobenius error
+  ``||dW - B' A'|| / ||dW||`` reported per module and overall.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from sparsepack.formats.adapter_layout import Adapter, AdapterModule, write_adapter
 from sparsepack.formats.manifest import StageRecord
 from sparsepack.formats.pack import read_pack
+from sparsepack.formats.peft_shira import NotShiraSizedError, peft_shira_rank, write_peft_shira
 from sparsepack.formats.staging import check_output, staged_dir
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.methods.residual import svd_factors
@@ -85,6 +87,18 @@ def export_peft(pack: str | Path, out: str | Path, adapter: str, lora_approx: in
     if lora_approx is None:
         lowrank = {n: AdapterModule(shape=m.shape, A=m.A, B=m.B, alpha=m.alpha)
                    for n, m in stored.modules.items() if m.rank}  # fmt: skip
+        if not lowrank and not any(m.rank for m in stored.modules.values()):  # sparse only: PEFT's SHiRA
+            try:
+                r = peft_shira_rank(stored)
+            except NotShiraSizedError as e:
+                raise NoLowRankError(f"adapter {adapter!r} is sparse only and not in PEFT SHiRA's sizing ({e}); "
+                                     "pass --lora-approx RANK to turn it into a LoRA") from None  # fmt: skip
+            with staged_dir(out, overwrite, inputs=[pack]) as tmp:
+                write_peft_shira(tmp, stored, base_model=base_model)
+            summary.update(peft_type="SHIRA", r=r, nnz=sum(m.nnz for m in stored.modules.values()),
+                           sparse_dropped_nnz=0, lora_approx=None)  # fmt: skip
+            summary["total_s"] = round(time.perf_counter() - t0, 2)
+            return summary
         if not lowrank:
             raise NoLowRankError(f"adapter {adapter!r} has no low-rank part; pass --lora-approx RANK to turn the "
                                  "sparse part into a LoRA")  # fmt: skip

@@ -1,4 +1,4 @@
-"""One tiny registry type for the three extension points: support rules, budget allocators, presets.
+"""One tiny registry type for the extension points: methods, support rules, budget allocators.
 
 A new method is a function plus one ``@REGISTRY.register("name")`` line next to it; lookups of unknown
 names fail with the list of known ones.

@@ -24,7 +24,7 @@ from sparsepack.formats.adapter_layout import Adapter, write_adapter
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, StageRecord
 from sparsepack.formats.pack import Pack, write_pack
 from sparsepack.formats.staging import check_output, staged_file
-from sparsepack.methods.presets import PRESETS
+from sparsepack.methods import base as methods
 from sparsepack.pipeline import checkpoint as ckpt
 from sparsepack.pipeline.trainer import Trainer, main_steps, plan_phases
 
@@ -114,7 +114,7 @@ def kl_sample_count(cfg: TrainConfig, n_examples: int) -> int:
     of every phase) within ``[KL_SAMPLES_MIN, KL_SAMPLES_MAX]``."""
     if cfg.kl_samples is not None:
         return cfg.kl_samples
-    steps = sum(p.steps for p in plan_phases(PRESETS.get(cfg.method), cfg, main_steps(cfg, n_examples)))
+    steps = sum(p.steps for p in plan_phases(methods.get(cfg.method), cfg, main_steps(cfg, n_examples)))
     reads = steps * cfg.batch_size * cfg.grad_accum
     return min(KL_SAMPLES_MAX, max(KL_SAMPLES_MIN, reads // KL_READS_PER_SAMPLE))
 
@@ -213,7 +213,7 @@ def _finetune_locked(pack: str | Path, out: Path, cfg: TrainConfig, overwrite: b
     adapter = Adapter(
         modules={n: layer.export_adapter(cfg.adapter) for n, layer in trainer.layers.items()},
         method=cfg.method,
-        meta={"support": trainer.preset.support_rule, "dropout": cfg.dropout, "training": summary,
+        meta={"support": trainer.support_rule, "dropout": cfg.dropout, "training": summary,
               "config": cfg.to_dict()},  # fmt: skip
     )
     write_adapter_pack(src, out, cfg.adapter, adapter, StageRecord("finetune", cfg.to_dict(), summary=summary),

@@ -1,10 +1,11 @@
 """The training loop of ``finetune``: a sparse + low-rank correction on a frozen (quantized or dense) base.
 
-Phases (RoSA, Nikdan et al. 2024): a low-rank-only warm-up, support selection from a streamed diagonal-Fisher
-estimate, then joint training of both parts on the fixed support — restarting from the warm-up's A/B with a
-fresh optimizer and schedule (``restart``, as the reference code does) or continuing. Methods without a
-sparse part (``lora``) run the last phase only. Which parts exist, how the support is chosen and how the
-budget is spread are presets/registrations in ``sparsepack.methods``.
+Phases: an optional low-rank-only warm-up (RoSA), support selection by the method's rule (gradient statistics
+streamed over ``mask_samples`` examples when the rule reads data), then training of every part on the fixed
+support — restarting from the warm-up's A/B with a fresh optimizer and schedule (``restart``, as RoSA's
+reference code does) or continuing. Methods without a sparse part (``lora``) run the last phase only; sparse-only
+methods (``shira``) select first. Which parts exist, how the support is chosen and how the budget is spread
+are the method's (``sparsepack.methods``); the loop knows phases, not methods.
 
 Every ``save_every`` steps the whole training state is checkpointed (``checkpoint.py``); ``resume`` continues
 from the latest checkpoint with the same data order and RNG, so the result equals an uninterrupted run.
@@ -30,17 +31,14 @@ from sparsepack.config import TrainConfig
 from sparsepack.kernels import CSRSupport, FisherState, fisher_accumulate
 from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
-from sparsepack.methods.allocation import ALLOCATORS
+from sparsepack.methods import base as methods
+from sparsepack.methods.base import Method
 from sparsepack.methods.masks import SUPPORT_RULES, SupportContext
-from sparsepack.methods.presets import PRESETS, Preset
 from sparsepack.methods.residual import residual_init
 from sparsepack.pipeline import checkpoint as ckpt
 from sparsepack.pipeline.batches import Batcher, Cursor
 from sparsepack.pipeline.data import IGNORE_INDEX
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+from sparsepack.pipeline.errors import TrainingDivergedError
 
 
 @dataclass
@@ -63,14 +61,14 @@ def main_steps(cfg: TrainConfig, n_examples: int) -> int:
     return cfg.steps or max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
-def plan_phases(preset: Preset, cfg: TrainConfig, steps: int) -> list[Phase]:
+def plan_phases(method: Method, cfg: TrainConfig, steps: int) -> list[Phase]:
     """A residual initialization that takes the support from ``W_fp - W_q`` (at setup) has no warm-up, and its
     selection phase only hands the sparse values to the optimizer."""
     phases = []
-    warm = preset.sparse and preset.lowrank and preset.lowrank_warmup and cfg.warmup_steps > 0
+    warm = method.sparse and method.lowrank and method.lowrank_warmup and cfg.warmup_steps > 0
     if warm and not cfg.residual_support:
         phases.append(Phase("warmup", cfg.warmup_steps))
-    if preset.sparse:
+    if method.sparse:
         phases.append(Phase("select"))
     phases.append(Phase("train", steps))
     return phases
@@ -113,7 +111,8 @@ class Trainer:
         self.model = model
         self.teacher = teacher  # frozen fp model (KL term, residual init); see finetune.check_teacher
         self.cfg = cfg
-        self.preset = PRESETS.get(cfg.method)
+        self.method = methods.get(cfg.method)
+        self.support_rule = (cfg.support or self.method.support) if self.method.sparse else None
         self.device = torch.device(cfg.device)
         self.ckpt_dir = ckpt_dir
         self.progress = progress
@@ -122,7 +121,7 @@ class Trainer:
         self.batcher = Batcher(examples, cfg.batch_size, pad, cfg.seed)
         # --kl-data: the KL term reads its own batches (own order, own cursor), one per training micro-batch
         self.kl_batcher = Batcher(kl_examples, cfg.batch_size, pad, cfg.seed + 1) if kl_examples else None
-        self.phases = plan_phases(self.preset, cfg, main_steps(cfg, len(examples)))
+        self.phases = plan_phases(self.method, cfg, main_steps(cfg, len(examples)))
         self.state = TrainState()
         self.layers: dict[str, SparseLowRankLinear] = {}
         self.budgets = {}
@@ -142,16 +141,15 @@ class Trainer:
             layer = wrap(self.model, n)
             self.layers[n] = layer
             shapes[n] = (layer.out_features, layer.in_features)
-        rank = cfg.rank if self.preset.lowrank else 0
-        density = cfg.density if self.preset.sparse else 0.0
-        self.budgets = ALLOCATORS.get(self.preset.allocator)(shapes, rank, density)
+        self.budgets = self.method.layer_budgets(shapes, cfg.rank, cfg.density, cfg.budget)
         gen = torch.Generator().manual_seed(cfg.seed)
         for n, layer in self.layers.items():
             if self.budgets[n].rank:
                 layer.init_lowrank(cfg.adapter, self.budgets[n].rank, cfg.alpha, cfg.dropout, gen)
         if cfg.residual_init:
             self._residual_init()
-        set_active_adapters(self.model, cfg.adapter)
+        if any(layer.has_adapter(cfg.adapter) for layer in self.layers.values()):
+            set_active_adapters(self.model, cfg.adapter)  # a sparse-only method's adapter exists after selection
 
     def _residual_init(self) -> None:
         """Seed every layer's correction from ``W_teacher - W_base`` (``methods.residual``), one layer at a time.
@@ -240,7 +238,8 @@ class Trainer:
         chosen = {id(q) for g in groups for q in g["params"]}
         for p in lowrank + sparse:
             p.requires_grad_(id(p) in chosen)
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        # None until something trains: a sparse-only method has no parameter before its support is chosen
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay) if groups else None
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -309,6 +308,11 @@ class Trainer:
             g["lr"] = g["base_lr"] * mult
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # a finite loss can still step into NaN (e.g. an overflowing update): never save it
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise TrainingDivergedError(f"a trained parameter became NaN or infinite at step "
+                                            f"{self.state.global_step} ({phase.name}); last good checkpoint: "
+                                            f"{self._latest_name()}")  # fmt: skip
         self.state.tokens += tokens
         return total
 
@@ -320,9 +324,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ selection
 
-    def _fisher_scores(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Mean squared dense gradient of each named layer over ``mask_samples`` examples (one pass)."""
-        states = {n: FisherState.zeros(*self.layers[n].dense_base().shape, device=self.device) for n in names}
+    def _gradient_scores(self, kind: str, names: list[str]) -> dict[str, torch.Tensor]:
+        """A gradient statistic of each named layer's dense weight over ``mask_samples`` examples (one pass):
+        ``fisher``, the mean squared gradient (RoSA); ``grad``, the gradient of the examples' summed loss.
+
+        A layer whose output needs no gradient (nothing trains yet: a sparse-only method before its support exists)
+        gets a leaf copy of its output that does, so the gradient still reaches every scored layer."""
+        if kind not in ("fisher", "grad"):
+            raise ValueError(f"unknown gradient statistic {kind!r}")
+        if kind == "fisher":
+            states = {n: FisherState.zeros(*self.layers[n].dense_base().shape, device=self.device) for n in names}
+        else:
+            sums = {n: torch.zeros(self.layers[n].out_features, self.layers[n].in_features, device=self.device)
+                    for n in names}  # fmt: skip
         handles = []
         for n in names:
 
@@ -330,10 +344,16 @@ class Trainer:
                 x = args[0].detach()
 
                 def on_grad(dy: torch.Tensor) -> None:
-                    fisher_accumulate(states[n], dy.detach(), x)
+                    if kind == "fisher":
+                        fisher_accumulate(states[n], dy.detach(), x)
+                    else:  # (b*L, out)^T @ (b*L, in): the weight's gradient, summed over tokens
+                        g = dy.detach().reshape(-1, dy.shape[-1]).float()
+                        sums[n].addmm_(g.T, x.reshape(-1, x.shape[-1]).float())
 
-                if out.requires_grad:
-                    out.register_hook(on_grad)
+                if not out.requires_grad:
+                    out = out.detach().requires_grad_()
+                out.register_hook(on_grad)
+                return out
 
             handles.append(self.layers[n].register_forward_hook(fwd))
         # every group scores the same examples: selection consumes no training (or --kl-data) data
@@ -342,14 +362,15 @@ class Trainer:
         try:
             for batch in batches:
                 self._backward(batch, next(kl_batches) if kl_batches else None, 1, "support selection")
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
         finally:
             for h in handles:
                 h.remove()
             for g in (batches, kl_batches):
                 if g is not None:
                     g.close()  # puts the cursor back
-        return {n: s.mean.float() for n, s in states.items()}
+        return {n: s.mean.float() for n, s in states.items()} if kind == "fisher" else sums
 
     def _borrowed_batches(self, count: int, batcher: Batcher | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """The next micro-batches of ``batcher`` (default: the training data), covering at least ``count``
@@ -373,14 +394,16 @@ class Trainer:
             shapes={n: (layer.out_features, layer.in_features) for n, layer in self.layers.items()},
             nnz={n: b.nnz for n, b in self.budgets.items()},
             base_weight=lambda n: self.layers[n].dense_base(),
-            scores=self._fisher_scores,
+            scores=self._gradient_scores,
             groups=groups,
-            generator=torch.Generator().manual_seed(self.cfg.seed + 1),
+            seed=self.cfg.seed + 1,
+            adapter=self.cfg.adapter,
         )
-        supports: dict[str, CSRSupport] = SUPPORT_RULES.get(self.preset.support_rule)(ctx)
+        supports: dict[str, CSRSupport] = SUPPORT_RULES.get(self.support_rule)(ctx)
         for n, s in supports.items():
             self.layers[n].set_support(self.cfg.adapter, s)
-        return {"seconds": time.perf_counter() - start, "passes": len(groups),
+        set_active_adapters(self.model, self.cfg.adapter)
+        return {"rule": self.support_rule, "seconds": time.perf_counter() - start, "passes": len(groups),
                 "nnz": sum(s.nnz for s in supports.values())}  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ state
@@ -421,6 +444,8 @@ class Trainer:
 
                 support = CSRSupport(rp, ci, csr_row_idx(rp), (layer.out_features, layer.in_features))
                 layer.set_support(a, support, tensors[f"{n}.S"].to(self.device).clone())
+        if any(layer.has_adapter(a) for layer in self.layers.values()):
+            set_active_adapters(self.model, a)
         self._build_optimizer(with_sparse=meta["sparse_in_optimizer"])
         ckpt.load_optimizer_state(self.optimizer, self._param_names(), tensors, meta["optimizer_scalars"])
         self.state.phase, self.state.step = meta["phase"], meta["step"]
@@ -461,7 +486,7 @@ class Trainer:
         if resume_from is not None:
             self.restore(resume_from)
         else:
-            self._build_optimizer(with_sparse=not self.preset.lowrank)
+            self._build_optimizer(with_sparse=not self.method.lowrank)
         start = time.perf_counter()
         bar = tqdm(total=sum(p.steps for p in self.phases), initial=self.state.global_step, desc="finetune",
                    unit="step", disable=not self.progress)  # fmt: skip
