@@ -415,7 +415,8 @@ def load_worker(kind: str, path: str, threads: int) -> dict:
     if kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16).eval()
     else:
-        model = sparsepack.load(path, adapter="a" if kind == "pack-adapters" else None, verify=kind != "pack-noverify")
+        model = sparsepack.load(path, adapter="a" if kind == "pack-adapters" else None, verify=kind != "pack-noverify",
+                                dtype=torch.float16 if kind == "pack-fp16" else None)  # fmt: skip
     t1 = time.perf_counter()
     rss1 = _rss_mb()
     with torch.no_grad():
@@ -429,7 +430,8 @@ def load_worker(kind: str, path: str, threads: int) -> dict:
 def loading(p: dict, repeats: int, threads: int, logs: Path) -> list[dict]:
     from benchmarks._common import child_env
 
-    kinds = {"pack": p["w4_bare"], "pack-noverify": p["w4_bare"], "pack-adapters": p["w4"], "hf": p["fp16"]}
+    kinds = {"pack": p["w4_bare"], "pack-noverify": p["w4_bare"], "pack-fp16": p["w4_bare"], "pack-adapters": p["w4"],
+             "hf": p["fp16"]}  # fmt: skip
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(repeats):
         for kind, path in kinds.items():
@@ -439,10 +441,11 @@ def loading(p: dict, repeats: int, threads: int, logs: Path) -> list[dict]:
             runs[kind].append({**r.result, "process_peak_rss_mb": r.peak_rss_mb, "process_wall_s": r.wall_s})
     labels = {"pack": "sparsepack.load, 4-bit pack", "pack-adapters": "sparsepack.load, 4-bit pack + 3 RoSA adapters",
               "pack-noverify": "sparsepack.load(verify=False), 4-bit pack",
+              "pack-fp16": "sparsepack.load(dtype=float16), 4-bit pack (no fp32 upcast, as the peer)",
               "hf": "transformers from_pretrained, fp16 dense"}  # fmt: skip
     out = []
     hf = runs["hf"]
-    for kind in ("pack", "pack-noverify", "pack-adapters"):
+    for kind in ("pack", "pack-noverify", "pack-fp16", "pack-adapters"):
         rs = runs[kind]
         best = min(r["load_s"] for r in rs)
         best_hf = min(r["load_s"] for r in hf)

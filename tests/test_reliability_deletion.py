@@ -18,6 +18,7 @@ from sparsepack.formats.errors import ForeignOutputError, OutputExistsError, Out
 from sparsepack.formats.manifest import MANIFEST_FILE
 from sparsepack.pipeline import checkpoint as ckpt
 from tests.factories import random_adapter, rtn_pack, save_hf, tiny_llama
+from tests.helpers_cli import one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,6 @@ def cli(*args) -> object:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def refused(r, *words: str) -> None:
-    assert r.exit_code == 1, r.output
-    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
-    for w in words:
-        assert w in r.output, r.output
-
-
 def finetune_argv(env: Path, out: Path, *extra) -> list:
     return ["finetune", env / "pack", "--data", env / "c.txt", "-o", out, "--rank", "2", "--density", "0.02",
             "--steps", "1", "--warmup-steps", "0", "--batch-size", "1", "--seqlen", "32", "--mask-samples", "1",
@@ -63,26 +57,28 @@ def finetune_argv(env: Path, out: Path, *extra) -> list:
 def test_checkpoint_dir_holding_user_files_is_refused_and_kept(env, tmp_path):
     mine = user_dir(tmp_path / "v")
     before = snapshot(mine)
-    refused(cli(*finetune_argv(env, tmp_path / "ft", "--checkpoint-dir", mine)), "ForeignOutputError", "notes.txt")
+    r = cli(*finetune_argv(env, tmp_path / "ft", "--checkpoint-dir", mine))
+    one_line_error(r, "ForeignOutputError", "notes.txt")
     assert snapshot(mine) == before
     assert not (tmp_path / "ft").exists()
 
 
 def test_checkpoint_dir_at_the_input_pack_is_refused(env, tmp_path):
     before = snapshot(env / "pack")
-    refused(cli(*finetune_argv(env, tmp_path / "ft", "--checkpoint-dir", env / "pack")), "OutputOverlapsInputError")
+    r = cli(*finetune_argv(env, tmp_path / "ft", "--checkpoint-dir", env / "pack"))
+    one_line_error(r, "OutputOverlapsInputError")
     assert snapshot(env / "pack") == before
 
 
 def test_checkpoint_dir_at_the_output_is_refused(env, tmp_path):
-    refused(cli(*finetune_argv(env, tmp_path / "ft", "--checkpoint-dir", tmp_path / "ft" / "ck")),
+    one_line_error(cli(*finetune_argv(env, tmp_path / "ft", "--checkpoint-dir", tmp_path / "ft" / "ck")),
             "OutputOverlapsInputError")  # fmt: skip
     assert not (tmp_path / "ft").exists()
 
 
 def test_finetune_over_its_own_input_is_refused(env, tmp_path):
     before = snapshot(env / "pack")
-    refused(cli(*finetune_argv(env, env / "pack", "--overwrite")), "OutputOverlapsInputError")
+    one_line_error(cli(*finetune_argv(env, env / "pack", "--overwrite")), "OutputOverlapsInputError")
     assert snapshot(env / "pack") == before
     assert not (env / "pack.ckpt").exists()
 
@@ -97,7 +93,7 @@ def test_finetune_into_an_empty_checkpoint_dir_cleans_up_after_itself(env, tmp_p
 
 
 def test_failed_run_leaves_no_checkpoint_dir_it_created(env, tmp_path):
-    refused(cli(*finetune_argv(env, tmp_path / "ft", "--adapter", "a/b")))
+    one_line_error(cli(*finetune_argv(env, tmp_path / "ft", "--adapter", "a/b")))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -116,7 +112,8 @@ def test_overwrite_never_replaces_what_sparsepack_did_not_write(env, tmp_path, c
         "export-peft": ["export", env / "pack", "--format", "peft", "--adapter", "a", "-o", out],
         "export-onnx": ["export", env / "pack", "--format", "onnx", "-o", out, "--no-validate"],
     }[command]  # fmt: skip
-    refused(cli(*argv, "--overwrite"), str(out), "ForeignOutputError" if kind == "user-dir" else "not a directory")
+    why = "ForeignOutputError" if kind == "user-dir" else "not a directory"
+    one_line_error(cli(*argv, "--overwrite"), str(out), why)
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .out.tmp-* left behind
 
@@ -134,8 +131,8 @@ def test_output_inside_the_input_is_refused(env, tmp_path, command):
     before = snapshot(env / "pack")
     argv = {"merge": ["merge", env / "pack", "--adapter", "a"],
             "export-safetensors": ["export", env / "pack", "--format", "safetensors"]}[command]  # fmt: skip
-    refused(cli(*argv, "-o", env / "pack" / "sub"), "OutputOverlapsInputError")
-    refused(cli(*argv, "-o", env / "pack", "--overwrite"), "OutputOverlapsInputError")
+    one_line_error(cli(*argv, "-o", env / "pack" / "sub"), "OutputOverlapsInputError")
+    one_line_error(cli(*argv, "-o", env / "pack", "--overwrite"), "OutputOverlapsInputError")
     assert snapshot(env / "pack") == before
 
 

@@ -88,6 +88,13 @@ class Pack:
     # building a second one
     skeleton: Any = field(default=None, repr=False, compare=False)
     checked: bool = False  # tensors and adapters were checked against the config (read_pack's check_config)
+    pending: Any = field(default=None, repr=False, compare=False)  # hash check still running (defer_verify)
+
+    def wait_verified(self) -> None:
+        """Wait for a deferred hash check; raises ``HashMismatchError`` for a file that differs from the manifest."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     def take_skeleton(self) -> Any:
         """The meta model built while reading (once: the caller fills it), or a fresh one."""
@@ -165,13 +172,16 @@ def _weight_files(root: Path) -> list[Path]:
     raise MissingFileError("no model.safetensors or model.safetensors.index.json", root)
 
 
-def read_pack(path: Path, verify: bool = True, check_config: bool = True) -> Pack:
+def read_pack(path: Path, verify: bool = True, check_config: bool = True, defer_verify: bool = False) -> Pack:
     """Open and validate a pack directory without loading tensor data.
 
     Args:
         path: a sparsepack pack, a GPTQ-v1/v2 checkpoint directory (GPTQModel/AutoGPTQ) or a plain HF model.
         verify: check every file's sha256 against the manifest (sizes are always checked).
         check_config: compare every tensor's shape/dtype with the model built (on meta) from config.json.
+        defer_verify: return while the hashes are still being checked; the caller must call
+            :meth:`Pack.wait_verified` before it hands out anything built from the pack (the loader does: hashing
+            then overlaps with loading, whose allocations the size checks already bound).
     """
     root = Path(path)
     hashing = None
@@ -211,8 +221,9 @@ def read_pack(path: Path, verify: bool = True, check_config: bool = True) -> Pac
         if hashing is not None:
             hashing.result()  # a file that differs from the manifest is the error to report, not what it caused
         raise
-    if hashing is not None:
-        hashing.result()
+    pack.pending = hashing
+    if not defer_verify:
+        pack.wait_verified()
     return pack
 
 

@@ -71,10 +71,7 @@ def check_output(out: Path, overwrite: bool = False, inputs: Iterable[Path | str
         ForeignOutputError: ``out`` exists and carries no sparsepack marker.
     """
     out = Path(out).absolute()
-    for src in inputs:
-        if src is not None and overlaps(out, Path(src)):
-            raise OutputOverlapsInputError(f"the output overlaps the command's input {src}; choose another path",
-                                           out)  # fmt: skip
+    check_placement(out, inputs, "the output")
     if os.path.lexists(out):
         if out.is_symlink() or not out.is_dir():
             raise OutputExistsError("exists and is not a directory; refusing to replace it", out)
@@ -87,6 +84,22 @@ def check_output(out: Path, overwrite: bool = False, inputs: Iterable[Path | str
                 out,
             )
     return out
+
+
+def check_placement(path: Path, inputs: Iterable[Path | str | None], what: str) -> None:
+    """``path`` can be created (no parent is a regular file) and overlaps none of ``inputs``.
+
+    Raises:
+        OutputExistsError: a parent of ``path`` is a file.
+        OutputOverlapsInputError: ``path`` is, holds or lies inside one of ``inputs``; ``what`` names it.
+    """
+    path = Path(path).absolute()
+    blocker = next((p for p in path.parents if os.path.lexists(p) and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputExistsError(f"cannot be created: {blocker} is a file, not a directory", path)
+    for src in inputs:
+        if src is not None and overlaps(path, Path(src)):
+            raise OutputOverlapsInputError(f"{what} overlaps the command's input {src}; choose another path", path)
 
 
 # ------------------------------------------------------------------------------------------------ staging

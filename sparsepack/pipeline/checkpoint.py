@@ -39,7 +39,6 @@ from sparsepack.formats.errors import (
     ForeignOutputError,
     MissingFileError,
     OutputBusyError,
-    OutputOverlapsInputError,
     SafetensorsHeaderError,
 )
 from sparsepack.formats.manifest import sha256_file
@@ -47,8 +46,8 @@ from sparsepack.formats.pack import check_links
 from sparsepack.formats.safetensors_check import read_header
 from sparsepack.formats.staging import (
     SIBLING_RE,
+    check_placement,
     clean_stale_siblings,
-    overlaps,
     replace_file,
     staged_dir,
     stale_file_tmp,
@@ -129,10 +128,7 @@ def claim(directory: Path, inputs: list[Path | str | None] = ()) -> Path:
         ForeignOutputError: it exists and holds files that are not checkpoints, or is not a directory.
     """
     directory = Path(directory).absolute()
-    for src in inputs:
-        if src is not None and overlaps(directory, Path(src)):
-            raise OutputOverlapsInputError(f"--checkpoint-dir overlaps {src}; choose a directory of its own",
-                                           directory)  # fmt: skip
+    check_placement(directory, inputs, "--checkpoint-dir")
     if os.path.lexists(directory):
         if directory.is_symlink() or not directory.is_dir():
             raise ForeignOutputError("--checkpoint-dir exists and is not a directory", directory)

@@ -72,8 +72,16 @@ def load(
         pack = path
         if not pack.checked:
             raise ValueError(f"{pack.path}: read with check_config=False; the loader needs a checked pack")
-    else:
-        pack = read_pack(Path(path), verify=verify, check_config=True)
+    else:  # hashing goes on beside the loading (a second core); nothing is returned before it has passed
+        pack = read_pack(Path(path), verify=verify, check_config=True, defer_verify=True)
+    try:
+        model = _build(pack, adapter, device, dtype)
+    finally:
+        pack.wait_verified()
+    return model
+
+
+def _build(pack: Pack, adapter: str | list[str] | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
     model = pack.take_skeleton()
     if pack.quant is not None:
         _swap_quantized(model, pack)
