@@ -492,7 +492,11 @@ def inspect(pack: Path, verify: bool, as_json: bool) -> None:
     from sparsepack.formats.describe import describe_pack
     from sparsepack.formats.pack import read_pack
 
-    d = describe_pack(read_pack(pack, verify=verify))
+    info = read_pack(pack, verify=verify)
+    if verify and info.kind != "sparsepack":
+        raise ValueError(f"{pack}: --verify needs a pack's manifest (sparsepack.json) to check files against; this "
+                         f"is a {info.kind} directory, whose files carry no recorded hashes")  # fmt: skip
+    d = describe_pack(info)
     d["verified"] = verify
     text = _inspect_text(d) + ("\nverify: every file hash matches the manifest" if verify else "")
     _emit(d, as_json, text)

@@ -70,3 +70,86 @@ def test_output_under_a_regular_file_is_one_line(env, tmp_path):
     (tmp_path / "f").write_text("a file")
     one_line_error(finetune(env, tmp_path / "f" / "o"), "is a file, not a directory")
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+# ------------------------------------------------------------------------------------------------ --verify, JSON
+
+
+@pytest.fixture
+def pack_copy(env, tmp_path) -> Path:
+    import shutil
+
+    shutil.copytree(env / "pack", tmp_path / "pack")
+    return tmp_path / "pack"
+
+
+def rewrite_manifest_text(pack: Path, fn) -> None:
+    from sparsepack.formats.manifest import MANIFEST_FILE
+
+    (pack / MANIFEST_FILE).write_text(fn((pack / MANIFEST_FILE).read_text()))
+
+
+def inspect_verify(path: Path) -> object:
+    return CliRunner().invoke(main, ["inspect", str(path), "--verify"])
+
+
+def test_verify_refuses_a_weights_file_missing_from_the_file_list(pack_copy):
+    import json
+
+    from sparsepack.formats.manifest import MANIFEST_FILE
+
+    data = json.loads((pack_copy / MANIFEST_FILE).read_text())
+    del data["files"]["model.safetensors"]
+    (pack_copy / MANIFEST_FILE).write_text(json.dumps(data))
+    one_line_error(inspect_verify(pack_copy), "ManifestError", "model.safetensors", "not listed")
+
+
+def test_verify_refuses_a_duplicate_key_that_would_override_the_file_list(pack_copy):
+    # a second "files" object (empty) after the real one: json keeps the last, so nothing would be checked
+    rewrite_manifest_text(pack_copy, lambda t: t.rstrip().rstrip("}") + ', "files": {}}')
+    one_line_error(inspect_verify(pack_copy), "ManifestError", "'files' appears twice")
+
+
+def test_verify_on_a_directory_without_a_manifest_is_refused(env):
+    one_line_error(inspect_verify(env / "hf"), "--verify needs a pack's manifest")
+
+
+def test_duplicate_key_in_config_json_is_a_config_error(env, tmp_path):
+    import shutil
+
+    hf = shutil.copytree(env / "hf", tmp_path / "hf")  # no manifest: the config itself is what is read
+    (hf / "config.json").write_text((hf / "config.json").read_text().replace("{", '{"hidden_size": 64, ', 1))
+    r = CliRunner().invoke(main, ["inspect", str(hf)])
+    one_line_error(r, "ConfigError", "'hidden_size' appears twice")
+
+
+def test_invalid_utf8_in_json_names_the_line(pack_copy):
+    from sparsepack.formats.errors import ManifestError
+    from sparsepack.formats.json_file import read_json
+
+    (pack_copy / "x.json").write_bytes(b'{\n"a": 1,\n"b": "\xff"\n}')
+    with pytest.raises(ManifestError, match="on line 3"):
+        read_json(pack_copy / "x.json", ManifestError)
+
+
+def test_an_oversized_json_file_is_refused_before_it_is_read(pack_copy):
+    from sparsepack.formats.errors import ManifestError
+    from sparsepack.formats.json_file import read_json
+
+    (pack_copy / "x.json").write_text("[" + "0," * 600 + "0]")
+    with pytest.raises(ManifestError, match="larger than 1000 bytes"):
+        read_json(pack_copy / "x.json", ManifestError, limit=1000)
+
+
+def test_a_header_with_a_million_dimensions_fails_fast_with_a_short_message(tmp_path):
+    import json
+    import struct
+
+    from sparsepack.formats.errors import SafetensorsHeaderError
+    from sparsepack.formats.safetensors_check import read_header
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": [1] * 1_000_000, "data_offsets": [0, 4]}}).encode()
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(SafetensorsHeaderError, match=r"shape has 1000000 dimensions \(at most 64\)") as e:
+        read_header(tmp_path / "x.safetensors")
+    assert len(str(e.value)) < 300

@@ -33,6 +33,7 @@ from sparsepack.formats.errors import (
     SparseIndexError,
     UnsafePathError,
 )
+from sparsepack.formats.json_file import read_json
 from sparsepack.formats.safetensors_check import read_header
 
 PEFT_PREFIX = "base_model.model."
@@ -191,10 +192,7 @@ def _read_meta(directory: Path) -> tuple[Path, dict[str, Any]]:
     meta_path = directory / ADAPTER_META
     if not meta_path.is_file():
         raise MissingFileError(f"missing {ADAPTER_META}", directory)
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit, deep nesting
-        raise FormatError(f"invalid JSON: {type(e).__name__}: {e}", meta_path) from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict):
         raise FormatError("must be an object with a 'modules' object", meta_path)
     return meta_path, meta

@@ -126,12 +126,6 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ManifestError(f"not UTF-8 JSON ({e})", path) from None
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, int digit limit, deep nesting
-            raise ManifestError(f"invalid JSON: {type(e).__name__}: {e}", path) from None
-        return cls.from_dict(data, path)
+        from sparsepack.formats.json_file import read_json
+
+        return cls.from_dict(read_json(path, ManifestError), path)

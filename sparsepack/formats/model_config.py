@@ -7,12 +7,12 @@ a config the same way.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from sparsepack.formats import gptq_layout
 from sparsepack.formats.errors import ConfigError, FormatError, MissingFileError, ShapeError
+from sparsepack.formats.json_file import read_json
 from sparsepack.formats.safetensors_check import read_tensor_bytes
 
 INT_DTYPE = {"qweight": "I32", "qzeros": "I32", "g_idx": "I32"}
@@ -22,10 +22,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32")
 def read_quant_config(root: Path, config: Any) -> dict[str, Any] | None:
     qc = getattr(config, "quantization_config", None)
     if qc is None and (root / "quantize_config.json").is_file():
-        try:
-            qc = json.loads((root / "quantize_config.json").read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-            raise ConfigError(f"invalid JSON: {e}", root / "quantize_config.json") from None
+        qc = read_json(root / "quantize_config.json", ConfigError)
     if qc is None:
         return None
     if not isinstance(qc, dict):
@@ -60,6 +57,7 @@ def load_config(root: Path) -> Any:
     path = root / "config.json"
     if not path.is_file():
         raise MissingFileError("missing config.json", root)
+    read_json(path, ConfigError)  # size, UTF-8 and duplicate keys, which transformers' reader lets through
     try:
         config = AutoConfig.from_pretrained(str(root), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - config classes run their own validators, each with its own error type

@@ -9,7 +9,6 @@ adapter indices.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ from sparsepack.formats.errors import (
     UnsafeFileError,
     UnsafePathError,
 )
+from sparsepack.formats.json_file import read_json
 from sparsepack.formats.manifest import MANIFEST_FILE, Manifest, sha256_file
 from sparsepack.formats.model_config import (
     build_skeleton,
@@ -157,10 +157,8 @@ def _refuse_pickles(root: Path) -> None:
 def _weight_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise FormatError(f"invalid safetensors index ({type(e).__name__}: {e})", index) from None
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise FormatError("'weight_map' must map tensor names to file names", index)
         names = sorted(set(weight_map.values()))
@@ -216,7 +214,7 @@ def read_pack(path: Path, verify: bool = True, check_config: bool = True, defer_
         manifest = Manifest()
         kind = "unknown"
     try:
-        pack = _read_checked(root, kind, manifest, check_config)
+        pack = _read_checked(root, kind, manifest, check_config, listed_only=verify and kind == "sparsepack")
     except BaseException:
         if hashing is not None:
             hashing.result()  # a file that differs from the manifest is the error to report, not what it caused
@@ -252,9 +250,20 @@ class _HashCheck:
             raise HashMismatchError("sha256 differs from the manifest (file modified or corrupt)", self.bad)
 
 
-def _read_checked(root: Path, kind: str, manifest: Manifest, check_config: bool) -> Pack:
-    """The part of :func:`read_pack` after the manifest: config, tensor headers, shapes, adapters."""
+def _read_checked(root: Path, kind: str, manifest: Manifest, check_config: bool, listed_only: bool) -> Pack:
+    """The part of :func:`read_pack` after the manifest: config, tensor headers, shapes, adapters.
+
+    ``listed_only`` (verification): every file read here must be one the manifest lists (and so hashes)."""
     manifest_path = root / MANIFEST_FILE
+
+    def vouched(path: Path) -> None:
+        rel = path.relative_to(root).as_posix()
+        if listed_only and path.is_file() and rel not in manifest.files:
+            raise ManifestError(f"{rel!r} is read but not listed in the manifest's files, so it cannot be verified",
+                                manifest_path)  # fmt: skip
+
+    for name in ("config.json", "quantize_config.json", "model.safetensors.index.json"):
+        vouched(root / name)
     config = load_config(root)
     quant = read_quant_config(root, config)
     if kind == "unknown":
@@ -263,6 +272,7 @@ def _read_checked(root: Path, kind: str, manifest: Manifest, check_config: bool)
         manifest.quantization = dict(quant) if quant else None
     tensors: dict[str, TensorInfo] = {}
     for file in _weight_files(root):
+        vouched(file)
         if not file.is_file():
             raise MissingFileError("weight file named by the index is absent", file)
         for name, info in read_header(file).items():
@@ -287,5 +297,7 @@ def _read_checked(root: Path, kind: str, manifest: Manifest, check_config: bool)
         directory = safe_child(root, rel)
         if not directory.is_dir():
             raise MissingFileError(f"adapter {name!r} directory is absent", directory)
+        for file in sorted(directory.iterdir()):
+            vouched(file)
         pack.adapters[name] = read_adapter(directory, shapes)
     return pack

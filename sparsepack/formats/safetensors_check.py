@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsepack.formats.errors import SafetensorsHeaderError
+from sparsepack.formats.json_file import DuplicateKeyError, no_duplicates
 
 # The one dtype table: safetensors' dtype name -> (torch dtype attribute, bytes per element). Everything else
 # (readers, the shard writer, the loader) derives from it.
@@ -27,6 +28,7 @@ DTYPES = {
 }  # fmt: skip
 DTYPE_BYTES = {name: size for name, (_torch, size) in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
+MAX_DIMS = 64  # far above any real tensor; bounds the work and the message for a hostile shape
 
 
 @dataclass(frozen=True)
@@ -39,19 +41,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     offsets: tuple[int, int]  # relative to the start of the data section
     data_start: int = 0  # byte offset of the data section in the file (8 + header length)
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for k, v in pairs:
-        if k in seen:
-            raise _DuplicateKey(k)
-        seen[k] = v
-    return seen
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -72,8 +61,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise SafetensorsHeaderError(f"cannot read: {e.strerror}", path) from None
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except DuplicateKeyError as e:
         raise SafetensorsHeaderError("tensor name appears twice in the header", path, str(e)) from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit, deep nesting
         raise SafetensorsHeaderError(f"header is not valid JSON ({type(e).__name__}: {e})", path) from None
@@ -90,6 +79,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in DTYPE_BYTES:
             raise SafetensorsHeaderError(f"unknown dtype {dtype!r}", path, name)
+        if isinstance(shape, list) and len(shape) > MAX_DIMS:  # before any per-dimension work or message
+            raise SafetensorsHeaderError(f"shape has {len(shape)} dimensions (at most {MAX_DIMS})", path, name)
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):

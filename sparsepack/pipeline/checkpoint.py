@@ -41,6 +41,7 @@ from sparsepack.formats.errors import (
     OutputBusyError,
     SafetensorsHeaderError,
 )
+from sparsepack.formats.json_file import read_json
 from sparsepack.formats.manifest import sha256_file
 from sparsepack.formats.pack import check_links
 from sparsepack.formats.safetensors_check import read_header
@@ -270,12 +271,7 @@ def read_state(path: Path) -> dict[str, Any]:
     check_links(path)  # UnsafePathError: a symlink out of the checkpoint
     if not file.is_file():
         raise MissingFileError("checkpoint state is absent", file)
-    try:
-        if file.stat().st_size > MAX_STATE_JSON:
-            raise CheckpointError(f"larger than {MAX_STATE_JSON} bytes", file)
-        meta = json.loads(file.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, digit limit
-        raise CheckpointError(f"unreadable checkpoint state ({type(e).__name__}: {e})", file) from None
+    meta = read_json(file, CheckpointError, MAX_STATE_JSON)
     if not isinstance(meta, dict):
         raise CheckpointError("not a JSON object", file)
 

@@ -9,7 +9,6 @@ one graph serves prefill (``past_len = 0``) and decode.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,9 @@ def read_export_metadata(root: Path) -> dict:
     meta_path = root / METADATA_FILE
     if not meta_path.is_file():
         raise MissingFileError(f"not an ONNX export (no {METADATA_FILE})", root)
-    try:
-        if meta_path.stat().st_size > MAX_METADATA_BYTES:
-            raise ManifestError(f"larger than {MAX_METADATA_BYTES} bytes", meta_path)
-        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
-        raise ManifestError(f"unreadable ({type(e).__name__}: {e})", meta_path) from None
+    from sparsepack.formats.json_file import read_json
+
+    meta = read_json(meta_path, ManifestError, MAX_METADATA_BYTES)
     if not isinstance(meta, dict):
         raise ManifestError("not a JSON object", meta_path)
     version = meta.get("format_version", 0)
