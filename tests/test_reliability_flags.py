@@ -153,3 +153,45 @@ def test_a_header_with_a_million_dimensions_fails_fast_with_a_short_message(tmp_
     with pytest.raises(SafetensorsHeaderError, match=r"shape has 1000000 dimensions \(at most 64\)") as e:
         read_header(tmp_path / "x.safetensors")
     assert len(str(e.value)) < 300
+
+
+def test_lone_surrogate_in_jsonl_names_the_line(env, tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n')
+    r = finetune(env, tmp_path / "o", "--data", str(tmp_path / "d.jsonl"))
+    one_line_error(r, "line 2", "lone surrogate")
+
+
+def test_eval_seqlen_beyond_the_model_context_is_refused(env):
+    r = CliRunner().invoke(main, ["eval", str(env / "hf"), "--data", str(env / "c.txt"), "--seqlen", "4096"])
+    one_line_error(r, "--seqlen 4096 exceeds the model's context of 256 positions")
+
+
+def test_a_perplexity_past_float_range_is_infinite_not_a_traceback():
+    from sparsepack.pipeline.evaluate import _exp
+
+    assert _exp(800.0) == float("inf") and _exp(1.0) > 2.7
+
+
+def test_written_files_follow_the_umask(env, tmp_path):
+    from sparsepack.formats.staging import umask
+
+    r = finetune(env, tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    want = 0o666 & ~umask()
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in (tmp_path / "o").rglob("*")
+             if p.is_file()}  # fmt: skip
+    assert modes and all(m == want for m in modes.values()), modes
+
+
+def test_hard_linked_input_files_keep_their_mode(env, tmp_path):
+    import shutil
+
+    src = shutil.copytree(env / "pack", tmp_path / "src")
+    for p in src.rglob("*"):
+        if p.is_file():
+            p.chmod(0o444)  # a read-only input pack: finetune hard-links its files into the output
+    r = CliRunner().invoke(main, ["finetune", str(src), "--data", str(env / "c.txt"), "-o", str(tmp_path / "o2"),
+                                  "--method", "lora", "--rank", "2", "--steps", "1", "--batch-size", "1",
+                                  "--grad-accum", "1", "--seqlen", "32", "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert all(p.stat().st_mode & 0o777 == 0o444 for p in src.rglob("*") if p.is_file())

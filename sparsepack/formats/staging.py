@@ -128,7 +128,7 @@ def staged_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path | str |
     try:
         yield tmp
         fsync_tree(tmp)
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700; an output is as readable as any new directory
+        share_like_any_file(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600: follow the umask instead
         if os.path.lexists(out):
             try:
                 check_output(out, overwrite, inputs)
@@ -281,13 +281,15 @@ def umask() -> int:
 
 
 def share_like_any_file(folder: Path) -> None:
-    """Give ``folder`` and every file under it the modes the umask allows (mkdtemp and some writers use 0600)."""
+    """Give ``folder`` and every file under it that was written here the modes the umask allows (mkdtemp and some
+    writers use 0600)."""
     mask = umask()
     folder = Path(folder)
     folder.chmod(0o777 & ~mask)
     for path in folder.rglob("*"):
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+        if path.is_symlink() or (path.is_file() and path.stat().st_nlink > 1):
+            continue  # a hard link shares its inode with an input file: never change what we did not write
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def fsync_dir(path: Path) -> None:

@@ -162,6 +162,12 @@ def _read_jsonl(path: Path, rel: str, source: str) -> list[Document]:
             raise DataError(f"{where}: malformed JSON ({type(e).__name__}: {str(e)[:100]})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for key in ("text", "prompt", "completion"):
+            try:
+                if isinstance(rec.get(key), str):
+                    rec[key].encode("utf-8")  # a lone surrogate (\ud800) is valid JSON but no text a tokenizer takes
+            except UnicodeEncodeError:
+                raise DataError(f"{where}: '{key}' holds a lone surrogate escape, which is not text") from None
         if isinstance(rec.get("text"), str):
             docs.append(Document(f"{rel}:{lineno}", rec["text"]))
         elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):

@@ -38,9 +38,12 @@ def perplexity(
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
+    n, seqlen = windows.shape
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:  # refused before a forward allocates for it
+        raise ValueError(f"--seqlen {seqlen} exceeds the model's context of {context} positions")
     model.eval()
     device = next(model.parameters()).device
-    n, seqlen = windows.shape
     total_nll = 0.0
     total_tokens = 0
     start = time.perf_counter()
@@ -54,10 +57,15 @@ def perplexity(
         total_nll += float(nll.double())
         total_tokens += ids[:, 1:].numel()
         bar.update(ids.shape[0])
-        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+        bar.set_postfix(ppl=f"{_exp(total_nll / total_tokens):.3f}")
     bar.close()
     mean = total_nll / total_tokens
     return PerplexityResult(
-        perplexity=math.exp(mean), nll=mean, tokens=total_tokens, windows=n, seqlen=seqlen,
+        perplexity=_exp(mean), nll=mean, tokens=total_tokens, windows=n, seqlen=seqlen,
         seconds=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def _exp(nll: float) -> float:
+    """``exp(nll)``, infinite past float range (a diverged model's perplexity) instead of an OverflowError."""
+    return math.exp(nll) if nll < 709.0 else math.inf
