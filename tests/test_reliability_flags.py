@@ -195,3 +195,61 @@ def test_hard_linked_input_files_keep_their_mode(env, tmp_path):
                                   "--grad-accum", "1", "--seqlen", "32", "--json"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert all(p.stat().st_mode & 0o777 == 0o444 for p in src.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("value", ["NaN", "0"])
+def test_a_non_finite_or_zero_norm_epsilon_is_a_config_error(env, tmp_path, value):
+    import json
+    import shutil
+
+    hf = shutil.copytree(env / "hf", tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rms_norm_eps"] = float(value)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    one_line_error(CliRunner().invoke(main, ["inspect", str(hf)]), "ConfigError", "rms_norm_eps")
+
+
+def test_a_zero_dimensional_lora_a_is_a_shape_error(env, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sparsepack.formats.adapter_layout import read_adapter
+    from sparsepack.formats.errors import ShapeError
+    from tests.factories import random_adapter, tiny_llama
+
+    rtn_pack(tiny_llama(), tmp_path / "p", adapters={"a": random_adapter(tiny_llama())}, manifest=False)
+    f = tmp_path / "p" / "adapters" / "a" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    sd[next(k for k in sd if "lora_A" in k)] = torch.tensor(1.0)
+    save_file(sd, str(f))
+    with pytest.raises(ShapeError, match="do not fit"):
+        read_adapter(f.parent)
+    shutil.rmtree(tmp_path / "p")
+
+
+def test_peft_config_with_a_bad_r_is_refused(env, tmp_path):
+    import json
+
+    from sparsepack.formats.adapter_layout import read_adapter
+    from sparsepack.formats.errors import FormatError
+    from tests.factories import random_adapter, tiny_llama
+
+    rtn_pack(tiny_llama(), tmp_path / "p", adapters={"a": random_adapter(tiny_llama())}, manifest=False)
+    cfg_path = tmp_path / "p" / "adapters" / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["r"] = -3
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="'r' must be a positive integer"):
+        read_adapter(cfg_path.parent)
+
+
+def test_symlinks_out_of_a_foreign_model_directory_are_refused(env, tmp_path):
+    import shutil
+
+    hf = shutil.copytree(env / "hf", tmp_path / "hf")
+    (tmp_path / "elsewhere.json").write_text((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").unlink()
+    (hf / "tokenizer_config.json").symlink_to(tmp_path / "elsewhere.json")
+    one_line_error(CliRunner().invoke(main, ["inspect", str(hf)]), "UnsafePathError", "resolves outside")

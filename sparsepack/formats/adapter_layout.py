@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,7 +235,7 @@ def _attach_lora(lora_path: Path, modules: dict[str, AdapterModule]) -> None:
             if not (m.A.is_floating_point() and m.B.is_floating_point()):
                 raise ShapeError(f"lora_A/lora_B must be float, got {m.A.dtype}/{m.B.dtype}", lora_path, name)
             out_f, in_f = m.shape
-            r = m.A.shape[0]
+            r = m.A.shape[0] if m.A.dim() == 2 else -1  # a 0-d or 1-d lora_A has no rank: refused just below
             if m.A.dim() != 2 or m.A.shape[1] != in_f or tuple(m.B.shape) != (out_f, r):
                 raise ShapeError(f"lora_A {tuple(m.A.shape)} / lora_B {tuple(m.B.shape)} do not fit "
                                  f"[r, {in_f}] / [{out_f}, r]", lora_path, name)  # fmt: skip
@@ -268,6 +269,19 @@ def _check_declared_counts(directory: Path, meta: dict[str, Any], modules: dict[
                                  directory, name)  # fmt: skip
 
 
+def _check_peft_config(path: Path) -> None:
+    """The PEFT config beside the weights: PEFT and LoRA servers size layers from its ``r`` and scale by
+    ``lora_alpha / r``, so both must be usable numbers (sparsepack itself reads the per-module record)."""
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise FormatError("must be a JSON object", path)
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha", 8)
+    if type(r) is not int or not 1 <= r <= 2**20:
+        raise FormatError(f"'r' must be a positive integer, got {r!r:.40}", path)
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise FormatError(f"'lora_alpha' must be a finite number, got {alpha!r:.40}", path)
+
+
 def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | None = None) -> Adapter:
     """Read and validate an adapter directory.
 
@@ -283,6 +297,8 @@ def read_adapter(directory: Path, expected_shapes: dict[str, tuple[int, int]] | 
     }
     if (directory / LORA_WEIGHTS).is_file():
         _attach_lora(directory / LORA_WEIGHTS, modules)
+    if (directory / LORA_CONFIG).is_file():
+        _check_peft_config(directory / LORA_CONFIG)
     if (directory / SPARSE_WEIGHTS).is_file():
         _attach_sparse(directory / SPARSE_WEIGHTS, modules)
     _check_declared_counts(directory, meta, modules)

@@ -7,6 +7,7 @@ a config the same way.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ RUNTIME_FLAGS = {"use_cache": (_is_bool,), "return_dict": (_is_bool,), "tie_word
                  "output_attentions": (_is_bool,), "output_hidden_states": (_is_bool, _is_int_list)}  # fmt: skip
 
 
+POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta")
+
+
 def check_config_dims(config: Any, n_tensors: int, path: Path) -> None:
     """Refuse non-integer, non-positive or huge dimensions in ``config`` before any model is built."""
     for key, limit in DIM_LIMITS.items():
@@ -102,6 +106,10 @@ def check_config_dims(config: Any, n_tensors: int, path: Path) -> None:
         if key in LAYER_COUNTS and value > n_tensors:
             raise ConfigError(f"config field {key} = {value} but the checkpoint holds only {n_tensors} tensors",
                               path)  # fmt: skip
+    for key in POSITIVE_FLOATS:  # read by every forward: NaN or 0 there makes every output NaN, silently
+        value = getattr(config, key, None)
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
+            raise ConfigError(f"config field {key} = {value!r} must be a positive finite number", path)
     for key, kinds in RUNTIME_FLAGS.items():  # read by every forward pass: a hostile value fails there, late
         value = getattr(config, key, None)
         if value is not None and not any(kind(value) for kind in kinds):

@@ -211,6 +211,7 @@ def read_pack(path: Path, verify: bool = True, check_config: bool = True, defer_
         if verify:
             hashing = _HashCheck(listed)
     else:
+        check_links(root)  # a foreign model directory follows the same rule (its weights already did: safe_child)
         manifest = Manifest()
         kind = "unknown"
     try:
