@@ -253,3 +253,20 @@ def test_symlinks_out_of_a_foreign_model_directory_are_refused(env, tmp_path):
     (hf / "tokenizer_config.json").unlink()
     (hf / "tokenizer_config.json").symlink_to(tmp_path / "elsewhere.json")
     one_line_error(CliRunner().invoke(main, ["inspect", str(hf)]), "UnsafePathError", "resolves outside")
+
+
+def test_a_line_too_long_for_the_tokenizer_is_a_data_error(env, tmp_path, monkeypatch):
+    from sparsepack.pipeline import data
+
+    monkeypatch.setattr(data, "MAX_LINE_CHARS", 1000)  # the rule, at a size a test can write
+    (tmp_path / "t.txt").write_text("short\n" + "x" * 1001 + "\nshort\n")
+    with pytest.raises(data.DataError, match=r"line 2 is 1,001 characters long"):
+        data.load_documents(str(tmp_path / "t.txt"))
+
+
+def test_invalid_utf8_in_training_text_names_the_line(tmp_path):
+    from sparsepack.pipeline import data
+
+    (tmp_path / "t.txt").write_bytes(b"one\ntwo\nthr\xffee\n")
+    with pytest.raises(data.DataError, match="on line 3"):
+        data.load_documents(str(tmp_path / "t.txt"))

@@ -155,7 +155,7 @@ def _st_edit(rng: random.Random, pack: Path, edit: Callable[[dict, str, int], tu
 def _st_shape(rng: random.Random, pack: Path) -> tuple:
     def edit(h: dict, name: str, _size: int) -> tuple[str, bool]:
         shape = pick(rng, [[2**40, 2**20], [2**62, 2**62], [2**64], [-1, 4], [-(2**40)], [], [0], [1] * 64,
-                            [*h[name]["shape"], 2], [3]])  # fmt: skip
+                            [1] * 100_000, [*h[name]["shape"], 2], [3]])  # fmt: skip
         same = shape == h[name]["shape"]
         h[name]["shape"] = shape
         return f"shape -> {shape}", not same
@@ -300,7 +300,8 @@ def _json_duplicate_key(rng: random.Random, pack: Path) -> tuple:
         text = json.dumps(obj)
         return text[:-1] + f", {json.dumps(key)}: {json.dumps(value)}}}", f"{key!r} repeated as {value!r}"
 
-    return _json_edit(rng, pack, None, edit)
+    detail, _must_fail, edited_manifest = _json_edit(rng, pack, None, edit)
+    return detail, True, edited_manifest  # every JSON of a pack goes through read_json, which refuses duplicates
 
 
 @register("json")

@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +135,9 @@ def _strip_span(text: str, start: int, end: int) -> tuple[int, int] | None:
     return start, start + len(stripped)
 
 
+MAX_LINE_CHARS = 10_000_000  # per line of a text or JSONL file
+
+
 def _read_text(path: Path, source: str) -> str:
     """Decode a file as UTF-8; DataError when it looks binary (a NUL early on, or invalid UTF-8)."""
     if not path.is_file():  # a FIFO would block forever, /dev/zero would fill memory
@@ -143,9 +146,26 @@ def _read_text(path: Path, source: str) -> str:
     if b"\x00" in raw[:_BINARY_PROBE]:
         raise NotTextError(f"{source}: {path} is binary or not UTF-8 (NUL byte in the first 8 KiB)")
     try:
-        return raw.decode("utf-8-sig")  # -sig: drop a byte-order mark some editors write
+        text = raw.decode("utf-8-sig")  # -sig: drop a byte-order mark some editors write
     except UnicodeDecodeError as e:
-        raise NotTextError(f"{source}: {path} is binary or not UTF-8 ({e.reason} at byte {e.start})") from e
+        line = raw[: e.start].count(b"\n") + 1
+        raise NotTextError(f"{source}: {path} is binary or not UTF-8 ({e.reason} on line {line})") from e
+    start = 0
+    for lineno, end in enumerate(_line_ends(text), start=1):
+        if end - start > MAX_LINE_CHARS:  # the tokenizer aborts the process on such a line, with no message
+            raise DataError(f"{source}: {path} line {lineno} is {end - start:,} characters long (at most "
+                            f"{MAX_LINE_CHARS:,}); break it into lines or records")  # fmt: skip
+        start = end + 1
+    return text
+
+
+def _line_ends(text: str) -> Iterator[int]:
+    """Offsets of every ``\\n`` in ``text``, then its length (without copying the lines)."""
+    pos = text.find("\n")
+    while pos != -1:
+        yield pos
+        pos = text.find("\n", pos + 1)
+    yield len(text)
 
 
 def _read_jsonl(path: Path, rel: str, source: str) -> list[Document]:
