@@ -118,3 +118,25 @@ def random_adapter(model: LlamaForCausalLM, rank: int = 4, density: float = 0.05
             col_idx=support.col_idx,
         )
     return Adapter(modules=modules, method="rosa", meta={"support": "random"})
+
+
+def run_interrupted(monkeypatch, at_step: int, run) -> None:
+    """Call ``run()`` with the trainer's ``at_step``-th optimizer step (counted from 1 in this run) raising
+    KeyboardInterrupt before it starts, as a Ctrl-C would; expects the interrupt, then restores the trainer."""
+    import pytest
+
+    from sparsepack.pipeline import trainer as trainer_mod
+
+    real = trainer_mod.Trainer._train_step
+    calls = {"n": 0}
+
+    def crash(self, phase):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real(self, phase)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real)

@@ -10,7 +10,7 @@ from sparsepack.config import TrainConfig
 from sparsepack.pipeline import trainer as trainer_mod
 from sparsepack.pipeline.finetune import finetune
 from sparsepack.pipeline.trainer import TrainingDivergedError
-from tests.factories import rtn_pack, save_hf, tiny_llama
+from tests.factories import rtn_pack, run_interrupted, save_hf, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -98,19 +98,8 @@ def test_resume_is_bit_for_bit(env, tmp_path, monkeypatch):
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)
     expected = adapter_tensors(tmp_path / "full")
 
-    real = trainer_mod.Trainer._train_step
-    calls = {"n": 0}
-
-    def crash(self, phase):
-        calls["n"] += 1
-        if calls["n"] == 6:  # after the checkpoint at global step 4 (phase train, step 2)
-            raise KeyboardInterrupt
-        return real(self, phase)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(env / "pack", tmp_path / "part", cfg, progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real)
+    # interrupted after the checkpoint at global step 4 (phase train, step 2)
+    run_interrupted(monkeypatch, 6, lambda: finetune(env / "pack", tmp_path / "part", cfg, progress=False))
     assert not (tmp_path / "part").exists() and (tmp_path / "part.ckpt" / "latest").exists()
     res = finetune(env / "pack", tmp_path / "part", cfg, resume=True, progress=False)
     assert res.summary["steps"] == 7
@@ -125,19 +114,7 @@ def test_resume_is_bit_for_bit(env, tmp_path, monkeypatch):
 
 def test_resume_refuses_changed_settings(env, tmp_path, monkeypatch):
     cfg = small(env, method="lora", steps=3, save_every=1)
-    real = trainer_mod.Trainer._train_step
-    calls = {"n": 0}
-
-    def crash(self, phase):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, phase)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(env / "pack", tmp_path / "o", cfg, progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real)
+    run_interrupted(monkeypatch, 2, lambda: finetune(env / "pack", tmp_path / "o", cfg, progress=False))
     with pytest.raises(ValueError, match=r"these differ: \['rank'\]"):
         finetune(env / "pack", tmp_path / "o", small(env, method="lora", steps=3, save_every=1, rank=8),
                  resume=True, progress=False)  # fmt: skip

@@ -10,7 +10,7 @@ from sparsepack.methods.residual import residual_init
 from sparsepack.pipeline import trainer as trainer_mod
 from sparsepack.pipeline.finetune import TeacherMismatchError, finetune
 from sparsepack.pipeline.trainer import kl_to_teacher
-from tests.factories import rtn_pack, save_hf, tiny_llama
+from tests.factories import rtn_pack, run_interrupted, save_hf, tiny_llama
 from tests.test_finetune import adapter_tensors
 
 
@@ -343,20 +343,8 @@ def test_resume_with_teacher_is_bit_for_bit(env, tmp_path, monkeypatch, init, kl
     finetune(env / "pack", tmp_path / "full", cfg, progress=False)
     expected = adapter_tensors(tmp_path / "full")
 
-    real = trainer_mod.Trainer._train_step
-    calls = {"n": 0}
     crash_at = 4 if init == "residual" else 5  # after the checkpoint at global step 2 / 4
-
-    def crash(self, phase):
-        calls["n"] += 1
-        if calls["n"] == crash_at:
-            raise KeyboardInterrupt
-        return real(self, phase)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(env / "pack", tmp_path / "part", cfg, progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real)
+    run_interrupted(monkeypatch, crash_at, lambda: finetune(env / "pack", tmp_path / "part", cfg, progress=False))
     finetune(env / "pack", tmp_path / "part", cfg, resume=True, progress=False)
     got = adapter_tensors(tmp_path / "part")
     assert got.keys() == expected.keys()

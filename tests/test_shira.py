@@ -17,7 +17,7 @@ from sparsepack.methods import base as methods
 from sparsepack.methods.masks import SUPPORT_RULES, SupportContext, struct_score
 from sparsepack.pipeline import trainer as trainer_mod
 from sparsepack.pipeline.finetune import finetune
-from tests.factories import rtn_pack, save_hf, tiny_llama
+from tests.factories import rtn_pack, run_interrupted, save_hf, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -163,19 +163,7 @@ def test_shira_resume_is_bit_for_bit(env, trained, tmp_path, monkeypatch):
         return load_file(str(path / "adapters" / "s1" / "sparse_adapter.safetensors"))
 
     cfg = small(env, budget=8300, save_every=2)
-    real = trainer_mod.Trainer._train_step
-    calls = {"n": 0}
-
-    def crash(self, phase):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, phase)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(env / "pack", tmp_path / "o", cfg, progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_train_step", real)
+    run_interrupted(monkeypatch, 3, lambda: finetune(env / "pack", tmp_path / "o", cfg, progress=False))
     finetune(env / "pack", tmp_path / "o", cfg, resume=True, progress=False)
     want, got = values(trained[0]), values(tmp_path / "o")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
