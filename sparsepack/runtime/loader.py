@@ -8,6 +8,7 @@ neither optimum nor gptqmodel is needed.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,17 @@ def load(
 
 def _build(pack: Pack, adapter: str | list[str] | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
     model = pack.take_skeleton()
-    if pack.quant is not None:
-        _swap_quantized(model, pack)
     state = load_tensors(pack.tensors)
+    # the large unquantized tensors (the embedding) go to the compute dtype on a second thread while this one swaps
+    # in the GPTQ layers: writing them is most of a CPU load's own time
+    quantized = tuple(f"{n}." for n in pack.quantized_modules)
+    big = {k: t for k, t in state.items() if t.is_floating_point() and t.dtype != dtype and t.numel() >= 1 << 20
+           and not k.startswith(quantized)}  # fmt: skip
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        converted = pool.submit(lambda: {k: t.to(dtype) for k, t in big.items()})
+        if pack.quant is not None:
+            _swap_quantized(model, pack)
+        state.update(converted.result())
     if pack.quant is not None and pack.quant["checkpoint_format"] == "gptq_v2":
         for name in pack.quantized_modules:
             state[f"{name}.qzeros"] = gptq_layout.v2_to_v1_zeros(state[f"{name}.qzeros"], pack.quant["bits"])
