@@ -28,7 +28,6 @@ class Method:
     supports: tuple[str, ...] = ()  # the support rules --support may choose for this method
     lowrank_warmup: bool = False  # train the low-rank part alone before choosing the support (RoSA)
     allocator: str = "uniform"  # a name in allocation.ALLOCATORS
-    summary: str = ""  # one line for --help and docs/METHODS.md
 
     def layer_budgets(self, shapes: dict[str, tuple[int, int]], rank: int, density: float,
                       budget: int | None = None) -> dict[str, Budget]:  # fmt: skip
@@ -74,8 +73,3 @@ def get(name: str) -> Method:
     import sparsepack.methods.shira  # noqa: F401
 
     return METHODS.get(name)
-
-
-def names() -> list[str]:
-    get("lora")
-    return METHODS.names()

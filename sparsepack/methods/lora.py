@@ -2,4 +2,4 @@
 
 from sparsepack.methods.base import Method, register
 
-LORA = register(Method("lora", lowrank=True, sparse=False, summary="low-rank only (A, B)"))
+LORA = register(Method("lora", lowrank=True, sparse=False))

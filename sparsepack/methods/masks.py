@@ -19,7 +19,6 @@ from sparsepack.methods.registry import Registry
 
 SUPPORT_RULES: Registry = Registry("support rule")
 SCORE_KINDS = ("fisher", "grad")  # the gradient statistics a trainer provides to ctx.scores
-DATA_RULES = ("fisher", "grad", "snip")  # rules that read training data (--mask-samples examples)
 
 
 @dataclass

@@ -9,5 +9,4 @@ from sparsepack.methods.base import Method, register
 ROSA = register(Method(
     "rosa", lowrank=True, sparse=True, support="fisher",
     supports=("fisher", "grad", "snip", "magnitude", "random", "struct"), lowrank_warmup=True,
-    summary="sparse + low-rank: a low-rank warm-up, then a data-chosen support, then both parts",
 ))  # fmt: skip

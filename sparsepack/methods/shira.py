@@ -33,5 +33,4 @@ class ShiraMethod(Method):
 
 SHIRA = register(ShiraMethod(
     "shira", lowrank=False, sparse=True, support="snip", supports=("snip", "grad", "magnitude", "random", "struct"),
-    summary="sparse only: a fixed support of the base weights (SHiRA)",
 ))  # fmt: skip

@@ -33,7 +33,7 @@ from sparsepack.layers.adapter_linear import SparseLowRankLinear
 from sparsepack.layers.inject import find_targets, set_active_adapters, wrap
 from sparsepack.methods import base as methods
 from sparsepack.methods.base import Method
-from sparsepack.methods.masks import SUPPORT_RULES, SupportContext
+from sparsepack.methods.masks import SCORE_KINDS, SUPPORT_RULES, SupportContext
 from sparsepack.methods.residual import residual_init
 from sparsepack.pipeline import checkpoint as ckpt
 from sparsepack.pipeline.batches import Batcher, Cursor
@@ -330,7 +330,7 @@ class Trainer:
 
         A layer whose output needs no gradient (nothing trains yet: a sparse-only method before its support exists)
         gets a leaf copy of its output that does, so the gradient still reaches every scored layer."""
-        if kind not in ("fisher", "grad"):
+        if kind not in SCORE_KINDS:
             raise ValueError(f"unknown gradient statistic {kind!r}")
         if kind == "fisher":
             states = {n: FisherState.zeros(*self.layers[n].dense_base().shape, device=self.device) for n in names}

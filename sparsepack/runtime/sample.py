@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sparsepack.formats.staging import share_like_any_file, staged_dir
+from sparsepack.formats.staging import staged_dir
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,5 @@ def prepare_sample_model(cache_dir: Path | None = None, force: bool = False) -> 
             marker = _convert(gguf, tmp)
         marker["seconds"] = round(time.perf_counter() - start, 2)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        share_like_any_file(tmp)
     logger.info("sample model ready in %.1f s: %s", marker["seconds"], target)
     return target
